@@ -1,0 +1,53 @@
+# The two commands of the README, and the pieces they are made of. Works on a fresh machine:
+# it creates .venv, installs torch==2.13.0 FIRST (a bare `torch` requirement would pull
+# gigabytes of CUDA packages), then the project with its extras.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH ?= torch==2.13.0
+DEMO_DIR ?= .demo
+SHARED_DATA ?= ../shared/data
+
+.PHONY: install demo test lint typecheck benchmarks-tables clean-demo
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[train,daemon,opencv,dev]"
+	# tensorrt-stubs declares a dependency on the tensorrt wheel, which cannot be installed
+	# without NVIDIA's servers; the stubs alone are all mypy needs.
+	$(BIN)/python -m pip install -q --no-deps "tensorrt-stubs>=10.0"
+	touch $@
+
+install: $(VENV)/.installed
+
+# The main job, end to end on real data: MNIST (digit 3 normal) -> train the AE baseline ->
+# evaluate on the official test set; then the same on real factory images (MVTec AD bottle).
+demo: install
+	$(BIN)/edge-trainer datasets prepare mnist --normal-class 3 --out $(DEMO_DIR)/data/mnist-3
+	$(BIN)/edge-trainer train --model ae --data $(DEMO_DIR)/data/mnist-3 --out $(DEMO_DIR)/runs/ae-3 --epochs 3
+	$(BIN)/edge-trainer eval $(DEMO_DIR)/runs/ae-3 --data $(DEMO_DIR)/data/mnist-3
+	$(BIN)/edge-trainer datasets prepare folder --out $(SHARED_DATA)/mvtec_bottle
+	$(BIN)/edge-trainer train --model ae --data $(SHARED_DATA)/mvtec_bottle --out $(DEMO_DIR)/runs/ae-bottle \
+		--image-size 64 --epochs 5
+	$(BIN)/edge-trainer eval $(DEMO_DIR)/runs/ae-bottle --json
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check deploy edge_daemon
+
+typecheck: install
+	$(BIN)/mypy --python-version 3.10 deploy edge_daemon
+	$(BIN)/mypy trainer
+
+benchmarks-tables: install
+	$(BIN)/python scripts/make_benchmarks.py
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

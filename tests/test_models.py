@@ -1,0 +1,89 @@
+"""The detector interface and registry: shapes, dtypes, parameter groups, bad settings.
+
+(Training quality on real data is tested in test_train.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.errors import UserError
+from trainer.models import REGISTRY, build_config, build_model
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+@pytest.mark.parametrize(("size", "channels"), [(32, 1), (64, 3)])
+def test_forward_contract(name: str, size: int, channels: int) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, build_config(name, image_size=size, channels=channels, base_channels=8, latent=16))
+    model.eval()
+    x = torch.rand(3, channels, size, size)
+    with torch.no_grad():
+        score, amap = model(x)
+    assert score.shape == (3,) and score.dtype == torch.float32
+    assert amap.shape == (3, 1, size, size) and amap.dtype == torch.float32
+    assert torch.isfinite(score).all() and torch.isfinite(amap).all()
+    assert (amap >= 0).all()
+    # Scoring is per image: a batch gives the same scores as images one at a time (eval-mode BatchNorm).
+    with torch.no_grad():
+        single = torch.cat([model(x[i : i + 1])[0] for i in range(3)])
+    torch.testing.assert_close(single, score, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_training_step_updates_every_parameter_group(name: str) -> None:
+    torch.manual_seed(0)
+    cfg = build_config(name, image_size=32, channels=1, base_channels=8, latent=16)
+    model = build_model(name, cfg)
+    opts = model.make_optimizers(cfg.lr)
+    groups = [{id(p) for g in o.param_groups for p in g["params"]} for o in opts.values()]
+    # Each parameter belongs to exactly one optimiser, and every parameter to one.
+    assert sum(len(g) for g in groups) == len({i for g in groups for i in g})
+    assert {id(p) for p in model.parameters()} == set().union(*groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    losses = model.training_step(torch.rand(8, 1, 32, 32), opts)
+    assert all(isinstance(v, float) and v == v for v in losses.values())
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(before), f"parameters not updated: {sorted(set(before) - changed)}"
+
+
+def test_ganomaly_optimisers_separate_generator_and_discriminator() -> None:
+    cfg = build_config("ganomaly", image_size=32, channels=1, base_channels=8, latent=16)
+    model = build_model("ganomaly", cfg)
+    opts = model.make_optimizers(cfg.lr)
+    d_ids = {id(p) for p in model.discriminator.parameters()}
+    g_ids = {id(p) for p in model.generator_params()}
+    assert {id(p) for g in opts["d"].param_groups for p in g["params"]} == d_ids
+    assert {id(p) for g in opts["g"].param_groups for p in g["params"]} == g_ids
+    # All convolutions are bias-free (MODELS.md).
+    assert all(m.bias is None for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d))
+
+
+def test_ae_ssim_loss_trains() -> None:
+    torch.manual_seed(0)
+    cfg = build_config("ae", image_size=32, channels=1, base_channels=8, latent=16, loss="ssim")
+    model = build_model("ae", cfg)
+    opts = model.make_optimizers(cfg.lr)
+    x = torch.rand(8, 1, 32, 32)
+    first = model.training_step(x, opts)["loss"]
+    for _ in range(20):
+        last = model.training_step(x, opts)["loss"]
+    assert 0.0 <= last < first <= 2.0
+
+
+@pytest.mark.parametrize("size", [0, 8, 48, 100, 2048])
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_image_size_the_model_cannot_take(name: str, size: int) -> None:
+    with pytest.raises(UserError, match=f"cannot take image size {size}"):
+        build_config(name, image_size=size)
+
+
+def test_unknown_model_and_bad_settings() -> None:
+    with pytest.raises(UserError, match="unknown model 'nope'; known models: ae, ganomaly"):
+        build_config("nope")
+    with pytest.raises(UserError, match="invalid settings for model 'ae'"):
+        build_config("ae", loss="l3")
+    with pytest.raises(UserError, match="invalid settings for model 'ae'"):
+        build_config("ae", no_such_setting=1)

@@ -1,0 +1,158 @@
+"""Training and evaluation on real MNIST: tiny models learn, resume is exact, bad input is refused cleanly."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer.datasets import prepare
+from trainer.eval_run import evaluate_run
+from trainer.train import TrainOptions, train
+
+# Digit 1 is the easy one-class MNIST digit for reconstruction models.
+EASY_DIGIT = "1"
+TINY = {"base_channels": 16, "latent": 32}
+
+
+def cli(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def mnist_easy(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / f"mnist-{EASY_DIGIT}"
+    prepare("mnist", out, normal_class=EASY_DIGIT)
+    return out
+
+
+@pytest.fixture(scope="session")
+def mnist_small(mnist_easy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """600 real training images of the easy digit (and no test split): for quick runs."""
+    out = tmp_path_factory.mktemp("data") / "mnist-small"
+    (out / "train" / "good").mkdir(parents=True)
+    for p in sorted((mnist_easy / "train" / "good").iterdir())[:600]:
+        shutil.copy(p, out / "train" / "good" / p.name)
+    return out
+
+
+@pytest.mark.parametrize(("model", "epochs", "min_auroc"), [("ae", 3, 0.97), ("ganomaly", 3, 0.80)])
+def test_tiny_model_learns_an_easy_digit(
+    model: str, epochs: int, min_auroc: float, mnist_easy: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / model
+    result = train(
+        TrainOptions(model=model, data=mnist_easy, out=run, epochs=epochs, device="cpu", model_options=TINY)
+    )
+    steps = epochs * (json.loads((run / "config.json").read_text())["n_train"] // 64)
+    assert steps >= 250, steps  # "a few hundred steps"
+    log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    epochs_logged = [r for r in log if r["event"] == "epoch"]
+    assert [r["epoch"] for r in epochs_logged] == list(range(1, epochs + 1))
+    assert all(all(v == v and abs(v) < 1e6 for v in r["losses"].values()) for r in epochs_logged)
+    assert result.best_val_loss == min(r["val_loss"] for r in epochs_logged)
+
+    metrics = evaluate_run(run, mnist_easy, device="cpu")
+    assert metrics["n_normal"] == 1135 and metrics["n_anomalous"] == 10000 - 1135
+    assert metrics["auroc"] >= min_auroc, metrics
+    assert set(metrics["per_defect_auroc"]) == {f"digit_{d}" for d in range(10) if str(d) != EASY_DIGIT}
+    for name in ("metrics.json", "roc.png", "extremes.png"):
+        assert (run / "eval" / name).stat().st_size > 0
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+@pytest.mark.parametrize("model", ["ae", "ganomaly"])
+def test_resume_after_ctrl_c_gives_the_same_weights(model: str, mnist_small: Path, tmp_path: Path) -> None:
+    args = ["train", "--model", model, "--data", mnist_small, "--epochs", "3", "--batch-size", "16",
+            "--device", "cpu", "--seed", "7", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), [])]
+    straight = cli(*args, "--out", tmp_path / "straight")
+    assert straight.returncode == 0, straight.stderr
+
+    run = tmp_path / "interrupted"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *map(str, args), "--out", str(run)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)  # during epoch 2
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "run the same command again to resume" in stderr
+    events = [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1] == "interrupted"
+
+    resumed = cli(*args, "--out", run)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming" in resumed.stderr
+    a, b = _weights(tmp_path / "straight" / "checkpoints" / "last.pt"), _weights(last)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def _one_line_error(res: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
+    assert "Traceback" not in res.stderr
+    text = " ".join(res.stderr.split())
+    for needle in needles:
+        assert needle in text, res.stderr
+
+
+def test_bad_inputs_get_one_clear_line(mnist_small: Path, tmp_path: Path, shared_data: Path) -> None:
+    base = ["--epochs", "1", "--device", "cpu"]
+    _one_line_error(cli("train", "--model", "ae", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", *base),
+                    2, "nowhere", "does not exist")
+    empty = tmp_path / "empty"
+    (empty / "train" / "good").mkdir(parents=True)
+    _one_line_error(cli("train", "--model", "ae", "--data", empty, "--out", tmp_path / "r", *base),
+                    2, "train/good", "no images")
+    _one_line_error(cli("train", "--model", "nope", "--data", mnist_small, "--out", tmp_path / "r", *base),
+                    2, "unknown model 'nope'")
+    _one_line_error(cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "r",
+                        "--image-size", "100", *base), 2, "cannot take image size 100")
+
+    broken = tmp_path / "broken"
+    shutil.copytree(mnist_small, broken)
+    src = sorted((shared_data / "magnetic_tile" / "train" / "good").iterdir())[0]
+    data = src.read_bytes()
+    (broken / "train" / "good" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    _one_line_error(cli("train", "--model", "ae", "--data", broken, "--out", tmp_path / "r2", *base),
+                    2, "cut.jpg", "truncated")
+
+    ok = cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "run", *base,
+             "--set", "base_channels=8", "--set", "latent=8")
+    assert ok.returncode == 0, ok.stderr
+    _one_line_error(cli("train", "--model", "ganomaly", "--data", mnist_small, "--out", tmp_path / "run", *base),
+                    2, "already holds a different run", "model")
+    _one_line_error(cli("eval", tmp_path / "run", "--data", mnist_small), 2, "test")
+    _one_line_error(cli("eval", tmp_path / "no-run"), 2, "does not exist")
+    if not torch.cuda.is_available():
+        _one_line_error(cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "r3",
+                            "--device", "cuda"), 3, "no CUDA GPU")
+
+
+def test_cpu_training_is_deterministic(mnist_small: Path, tmp_path: Path) -> None:
+    runs = []
+    for name in ("a", "b"):
+        opts = TrainOptions(model="ae", data=mnist_small, out=tmp_path / name, epochs=1, batch_size=32,
+                            device="cpu", seed=3, model_options=TINY)
+        train(opts)
+        runs.append(_weights(tmp_path / name / "checkpoints" / "last.pt"))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+

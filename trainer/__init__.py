@@ -1,0 +1,1 @@
+"""The trainer: datasets, detector models, training, evaluation (workstation side; needs torch)."""

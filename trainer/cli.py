@@ -1,0 +1,165 @@
+"""edge-trainer: prepare datasets, train detectors, evaluate them (DESIGN.md, "Command lines").
+
+Exit codes: 0 ok, 1 failure of the work, 2 bad usage or bad input (one clear line, no traceback),
+3 a capability missing on this machine, 130 interrupted (a checkpoint was written; rerun to resume).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from trainer.errors import CapabilityError, UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train and evaluate one-class visual anomaly detectors.",
+)
+datasets_app = typer.Typer(no_args_is_help=True, help="Fetch real datasets and lay them out as MVTec-style folders.")
+app.add_typer(datasets_app, name="datasets")
+
+err = Console(stderr=True)
+T = TypeVar("T")
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Run a command body, turning the product's own errors into one line and an exit code."""
+    from trainer.train import Interrupted
+
+    try:
+        return fn()
+    except UserError as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(2) from None
+    except CapabilityError as exc:
+        err.print(f"[red]missing capability:[/red] {exc}", highlight=False)
+        raise typer.Exit(3) from None
+    except Interrupted as exc:
+        err.print(f"[yellow]{exc}[/yellow]", highlight=False)
+        raise typer.Exit(130) from None
+
+
+def _parse_sets(items: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values parsed as JSON when they parse (numbers, true/false), else strings."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set expects key=value, got {item!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+@datasets_app.command("prepare")
+def datasets_prepare(
+    name: Annotated[str, typer.Argument(help="mnist | fashion-mnist | elpv | folder")],
+    out: Annotated[Path, typer.Option("--out", help="target folder (for 'folder': the folder to validate)")],
+    normal_class: Annotated[
+        str | None, typer.Option("--normal-class", help="mnist/fashion-mnist: the normal class (0-9 or a name)")
+    ] = None,
+    cell_type: Annotated[str, typer.Option("--cell-type", help="elpv: mono | poly | all")] = "all",
+    seed: Annotated[int, typer.Option(help="seed of the elpv 80/20 split")] = 0,
+    json_out: Annotated[bool, typer.Option("--json", help="print the report as one JSON object")] = False,
+) -> None:
+    """Fetch a real dataset (cached, checksummed) and lay it out as DIR/train/good, DIR/test/<class>."""
+    from trainer.datasets import prepare
+
+    report = _run(lambda: prepare(name, out, normal_class=normal_class, cell_type=cell_type, seed=seed))
+    if json_out:
+        print(json.dumps(report.to_dict(), default=str))
+    else:
+        print(report.to_text())
+
+
+@app.command()
+def train(
+    model: Annotated[str, typer.Option(help="registered model name (ae, ganomaly, ...)")],
+    data: Annotated[Path, typer.Option(help="MVTec-layout folder; trains on DIR/train/good")],
+    out: Annotated[Path, typer.Option(help="RUN folder; an existing run there is resumed")],
+    epochs: Annotated[int | None, typer.Option(help="default: the model's")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="default: the model's")] = None,
+    image_size: Annotated[int | None, typer.Option(help="input height = width in pixels; default: the model's")] = None,
+    channels: Annotated[int | None, typer.Option(help="1 or 3; default: inferred from the images")] = None,
+    lr: Annotated[float | None, typer.Option(help="base learning rate; default: the model's")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    seed: Annotated[int, typer.Option()] = 0,
+    workers: Annotated[int, typer.Option(help="image decoding threads")] = 2,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="model setting key=value, e.g. --set loss=ssim (repeatable)")
+    ] = None,
+) -> None:
+    """Train a detector on normal images; writes RUN/ (config, checkpoints, metrics.jsonl). Ctrl-C saves and stops."""
+    from trainer.train import TrainOptions
+    from trainer.train import train as do_train
+
+    def body() -> None:
+        opts = TrainOptions(
+            model=model,
+            data=data,
+            out=out,
+            epochs=epochs,
+            batch_size=batch_size,
+            image_size=image_size,
+            channels=channels,
+            lr=lr,
+            device=device,
+            seed=seed,
+            workers=workers,
+            model_options=_parse_sets(set_ or []),
+        )
+        result = do_train(opts)
+        err.print(
+            f"trained {model} for {result.epochs_done} epochs on {result.device}: best held-out loss "
+            f"{result.best_val_loss:.5g}, {result.seconds_per_epoch:.1f} s/epoch -> {out}",
+            highlight=False,
+            soft_wrap=True,
+        )
+
+    _run(body)
+
+
+@app.command("eval")
+def eval_(
+    run: Annotated[Path, typer.Argument(help="RUN folder written by train")],
+    data: Annotated[Path | None, typer.Option(help="MVTec-layout folder; default: the run's training data")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Evaluate a run on DIR/test: image AUROC, max balanced accuracy, per-defect and pixel AUROC; plots in RUN/eval/."""
+    from trainer.eval_run import evaluate_run
+
+    result = _run(lambda: evaluate_run(run, data, checkpoint=checkpoint, device=device))
+    if json_out:
+        print(json.dumps(result, sort_keys=True))
+        return
+    table = Table(title=f"{result['model']} on {result['data']}", show_header=False, highlight=False)
+    for key in ("auroc", "max_balanced_accuracy", "threshold", "pixel_auroc", "n_normal", "n_anomalous",
+                "images_per_s", "epoch", "device"):
+        value = result.get(key)
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    for defect, value in sorted(result["per_defect_auroc"].items()):
+        table.add_row(f"auroc {defect}", f"{value:.4f}")
+    Console().print(table)
+    err.print(f"plots: {run / 'eval'}", highlight=False)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The model registry: the one place where detectors are registered by name.
+
+Every entry implements ``trainer.models.base.Detector``. To add a model, write its module
+(config + nets + training step) and add one line here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trainer.errors import UserError
+from trainer.models.ae import AutoEncoder
+from trainer.models.base import Detector, ModelConfig
+from trainer.models.ganomaly import GANomaly
+
+REGISTRY: dict[str, type[Detector]] = {
+    AutoEncoder.name: AutoEncoder,
+    GANomaly.name: GANomaly,
+}
+
+
+def model_class(name: str) -> type[Detector]:
+    """The registered class for ``name``; UserError listing the known names otherwise."""
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UserError(f"unknown model {name!r}; known models: {', '.join(sorted(REGISTRY))}") from None
+
+
+def build_config(name: str, **overrides: Any) -> ModelConfig:
+    """The model's config with the paper's defaults and ``overrides`` (None values ignored), validated."""
+    cls = model_class(name)
+    values = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        config = cls.Config(**values)
+    except ValueError as exc:  # pydantic.ValidationError is a ValueError
+        raise UserError(f"invalid settings for model {name!r}: {exc}") from None
+    cls.check_config(config)
+    return config
+
+
+def build_model(name: str, config: ModelConfig) -> Detector:
+    """A fresh model of ``name`` built from ``config`` (already validated by ``build_config``)."""
+    return model_class(name)(config)
+
+
+__all__ = ["REGISTRY", "Detector", "ModelConfig", "build_config", "build_model", "model_class"]

@@ -1,0 +1,109 @@
+"""The RUN folder: what a training run writes and what eval/export read back.
+
+    RUN/config.json           RunConfig (model name, resolved model config, data, seed, ...)
+    RUN/metrics.jsonl         one JSON object per line: epochs, interruptions, resumes
+    RUN/checkpoints/last.pt   everything an exact resume needs (weights, optimisers, RNG, position)
+    RUN/checkpoints/best.pt   weights with the lowest loss on the held-out 10% of train/good
+    RUN/eval/                 metrics.json, roc.png, extremes.png (written by eval)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from trainer.errors import UserError
+from trainer.models import Detector, build_config, build_model
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+
+
+class RunConfig(BaseModel):
+    """The resolved settings of a run; a resume must match them (except ``epochs``, which may grow)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    model: str
+    model_config_values: dict[str, Any] = Field(description="the model's resolved pydantic config")
+    data: str = Field(description="absolute path of the training data folder")
+    epochs: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    lr: float = Field(gt=0)
+    seed: int
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    n_train: int = Field(ge=1, description="images trained on (train/good minus the held-out part)")
+    n_val: int = Field(ge=1, description="held-out normal images used to pick the best checkpoint")
+    created: str = ""
+
+    def same_run_as(self, other: RunConfig) -> list[str]:
+        """Names of the settings that differ from ``other``, ignoring ``epochs`` and ``created``."""
+        mine = self.model_dump(exclude={"epochs", "created"})
+        theirs = other.model_dump(exclude={"epochs", "created"})
+        return sorted(k for k in mine if mine[k] != theirs[k])
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON, atomically (temp file + rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def save_torch_atomic(path: Path, obj: Any) -> None:
+    """torch.save ``obj`` to ``path`` atomically, so an interrupted save never leaves a torn checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def append_metrics(run: Path, record: dict[str, Any]) -> None:
+    """Append one record (with a wall-clock ``time``) to RUN/metrics.jsonl."""
+    record = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **record}
+    with (run / METRICS_FILE).open("a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+def read_run_config(run: Path) -> RunConfig:
+    """RUN/config.json, or UserError if RUN is not a training run folder."""
+    path = run / CONFIG_FILE
+    if not run.is_dir():
+        raise UserError(f"run folder {run} does not exist (train one with: edge-trainer train --out {run} ...)")
+    if not path.is_file():
+        raise UserError(f"{run} is not a training run: it has no {CONFIG_FILE}")
+    try:
+        return RunConfig.model_validate_json(path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{path} is not a valid run config: {exc}") from None
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by the trainer; UserError if it is missing or unreadable."""
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist (has the run finished an epoch?)")
+    try:
+        # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle.
+        ckpt: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn or foreign file
+        raise UserError(f"cannot read checkpoint {path}: {exc}") from None
+    return ckpt
+
+
+def load_model(run: Path, which: str = "best", device: torch.device | str = "cpu") -> tuple[Detector, dict[str, Any]]:
+    """The run's model with the ``which`` ("best" or "last") weights, in eval mode, and the checkpoint."""
+    if which not in ("best", "last"):
+        raise UserError(f"--checkpoint must be 'best' or 'last', not {which!r}")
+    cfg = read_run_config(run)
+    model = build_model(cfg.model, build_config(cfg.model, **cfg.model_config_values))
+    ckpt = load_checkpoint(run / CHECKPOINTS / f"{which}.pt", device)
+    model.load_state_dict(ckpt["model"])
+    model.to(device).eval()
+    return model, ckpt
