@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer.datasets import prepare  # noqa: E402
 from trainer.eval_run import evaluate_run  # noqa: E402
+from trainer.models import build_config  # noqa: E402
 from trainer.run_dir import write_json_atomic  # noqa: E402
 from trainer.train import TrainOptions, train  # noqa: E402
 
@@ -38,8 +39,9 @@ def _commit() -> str:
     if os.environ.get("BENCH_COMMIT"):
         return os.environ["BENCH_COMMIT"]
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                              text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -62,18 +64,41 @@ def _key(r: dict[str, Any]) -> tuple[Any, ...]:
 
 
 def run_one(
-    protocol: str, model: str, normal_class: str, data: Path, work: Path, args: argparse.Namespace,
-    records: list[dict[str, Any]], results: Path,
+    protocol: str,
+    model: str,
+    normal_class: str,
+    data: Path,
+    work: Path,
+    args: argparse.Namespace,
+    records: list[dict[str, Any]],
+    results: Path,
 ) -> None:
-    probe = {"protocol": protocol, "model": model, "normal_class": normal_class, "epochs": args.epochs,
-             "seed": args.seed, "image_size": args.image_size}
+    image_size = build_config(model, image_size=args.image_size).image_size
+    probe = {
+        "protocol": protocol,
+        "model": model,
+        "normal_class": normal_class,
+        "epochs": args.epochs,
+        "seed": args.seed,
+        "image_size": image_size,
+    }
     if any(_key(r) == _key(probe) for r in records):
         print(f"cached: {protocol} {model} {normal_class}", flush=True)
         return
-    run = work / "runs" / protocol / f"{model}-{normal_class}-e{args.epochs}-s{args.seed}"
+    run = work / "runs" / protocol / f"{model}-{normal_class}-{image_size}px-e{args.epochs}-s{args.seed}"
     t0 = time.time()
-    result = train(TrainOptions(model=model, data=data, out=run, epochs=args.epochs, batch_size=args.batch_size,
-                                image_size=args.image_size, device=args.device, seed=args.seed))
+    result = train(
+        TrainOptions(
+            model=model,
+            data=data,
+            out=run,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            image_size=image_size,
+            device=args.device,
+            seed=args.seed,
+        )
+    )
     metrics = evaluate_run(run, data, device=args.device)
     record = {
         **probe,
@@ -94,8 +119,11 @@ def run_one(
     }
     records.append(record)
     write_json_atomic(results, sorted(records, key=lambda r: (r["model"], str(r["normal_class"]))))
-    print(f"{protocol} {model} {normal_class}: auroc {record['auroc']:.4f} "
-          f"({time.time() - t0:.0f} s, {record['seconds_per_epoch']:.2f} s/epoch)", flush=True)
+    print(
+        f"{protocol} {model} {normal_class}: auroc {record['auroc']:.4f} "
+        f"({time.time() - t0:.0f} s, {record['seconds_per_epoch']:.2f} s/epoch)",
+        flush=True,
+    )
 
 
 def main() -> None:

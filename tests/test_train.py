@@ -45,14 +45,12 @@ def mnist_small(mnist_easy: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     return out
 
 
-@pytest.mark.parametrize(("model", "epochs", "min_auroc"), [("ae", 3, 0.97), ("ganomaly", 3, 0.80)])
+@pytest.mark.parametrize(("model", "epochs", "min_auroc"), [("ae", 3, 0.98), ("ganomaly", 3, 0.95)])
 def test_tiny_model_learns_an_easy_digit(
     model: str, epochs: int, min_auroc: float, mnist_easy: Path, tmp_path: Path
 ) -> None:
     run = tmp_path / model
-    result = train(
-        TrainOptions(model=model, data=mnist_easy, out=run, epochs=epochs, device="cpu", model_options=TINY)
-    )
+    result = train(TrainOptions(model=model, data=mnist_easy, out=run, epochs=epochs, device="cpu", model_options=TINY))
     steps = epochs * (json.loads((run / "config.json").read_text())["n_train"] // 64)
     assert steps >= 250, steps  # "a few hundred steps"
     log = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -75,15 +73,31 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("model", ["ae", "ganomaly"])
 def test_resume_after_ctrl_c_gives_the_same_weights(model: str, mnist_small: Path, tmp_path: Path) -> None:
-    args = ["train", "--model", model, "--data", mnist_small, "--epochs", "3", "--batch-size", "16",
-            "--device", "cpu", "--seed", "7", *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), [])]
+    args = [
+        "train",
+        "--model",
+        model,
+        "--data",
+        mnist_small,
+        "--epochs",
+        "3",
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--seed",
+        "7",
+        *sum((["--set", f"{k}={v}"] for k, v in TINY.items()), []),
+    ]
     straight = cli(*args, "--out", tmp_path / "straight")
     assert straight.returncode == 0, straight.stderr
 
     run = tmp_path / "interrupted"
     proc = subprocess.Popen(
         [sys.executable, "-m", "trainer", *map(str, args), "--out", str(run)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     last = run / "checkpoints" / "last.pt"
     deadline = time.monotonic() + 300
@@ -115,44 +129,98 @@ def _one_line_error(res: subprocess.CompletedProcess[str], code: int, *needles: 
 
 def test_bad_inputs_get_one_clear_line(mnist_small: Path, tmp_path: Path, shared_data: Path) -> None:
     base = ["--epochs", "1", "--device", "cpu"]
-    _one_line_error(cli("train", "--model", "ae", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", *base),
-                    2, "nowhere", "does not exist")
+    _one_line_error(
+        cli("train", "--model", "ae", "--data", tmp_path / "nowhere", "--out", tmp_path / "r", *base),
+        2,
+        "nowhere",
+        "does not exist",
+    )
     empty = tmp_path / "empty"
     (empty / "train" / "good").mkdir(parents=True)
-    _one_line_error(cli("train", "--model", "ae", "--data", empty, "--out", tmp_path / "r", *base),
-                    2, "train/good", "no images")
-    _one_line_error(cli("train", "--model", "nope", "--data", mnist_small, "--out", tmp_path / "r", *base),
-                    2, "unknown model 'nope'")
-    _one_line_error(cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "r",
-                        "--image-size", "100", *base), 2, "cannot take image size 100")
+    _one_line_error(
+        cli("train", "--model", "ae", "--data", empty, "--out", tmp_path / "r", *base),
+        2,
+        "train/good",
+        "no images",
+    )
+    _one_line_error(
+        cli("train", "--model", "nope", "--data", mnist_small, "--out", tmp_path / "r", *base),
+        2,
+        "unknown model 'nope'",
+    )
+    _one_line_error(
+        cli(
+            "train",
+            "--model",
+            "ae",
+            "--data",
+            mnist_small,
+            "--out",
+            tmp_path / "r",
+            "--image-size",
+            "100",
+            *base,
+        ),
+        2,
+        "cannot take image size 100",
+    )
 
     broken = tmp_path / "broken"
     shutil.copytree(mnist_small, broken)
     src = sorted((shared_data / "magnetic_tile" / "train" / "good").iterdir())[0]
     data = src.read_bytes()
     (broken / "train" / "good" / "cut.jpg").write_bytes(data[: len(data) // 2])
-    _one_line_error(cli("train", "--model", "ae", "--data", broken, "--out", tmp_path / "r2", *base),
-                    2, "cut.jpg", "truncated")
+    _one_line_error(
+        cli("train", "--model", "ae", "--data", broken, "--out", tmp_path / "r2", *base),
+        2,
+        "cut.jpg",
+        "truncated",
+    )
 
-    ok = cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "run", *base,
-             "--set", "base_channels=8", "--set", "latent=8")
+    ok = cli(
+        "train",
+        "--model",
+        "ae",
+        "--data",
+        mnist_small,
+        "--out",
+        tmp_path / "run",
+        *base,
+        "--set",
+        "base_channels=8",
+        "--set",
+        "latent=8",
+    )
     assert ok.returncode == 0, ok.stderr
-    _one_line_error(cli("train", "--model", "ganomaly", "--data", mnist_small, "--out", tmp_path / "run", *base),
-                    2, "already holds a different run", "model")
+    _one_line_error(
+        cli("train", "--model", "ganomaly", "--data", mnist_small, "--out", tmp_path / "run", *base),
+        2,
+        "already holds a different run",
+        "model",
+    )
     _one_line_error(cli("eval", tmp_path / "run", "--data", mnist_small), 2, "test")
     _one_line_error(cli("eval", tmp_path / "no-run"), 2, "does not exist")
     if not torch.cuda.is_available():
-        _one_line_error(cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "r3",
-                            "--device", "cuda"), 3, "no CUDA GPU")
+        _one_line_error(
+            cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "r3", "--device", "cuda"),
+            3,
+            "no CUDA GPU",
+        )
 
 
 def test_cpu_training_is_deterministic(mnist_small: Path, tmp_path: Path) -> None:
     runs = []
     for name in ("a", "b"):
-        opts = TrainOptions(model="ae", data=mnist_small, out=tmp_path / name, epochs=1, batch_size=32,
-                            device="cpu", seed=3, model_options=TINY)
+        opts = TrainOptions(
+            model="ae",
+            data=mnist_small,
+            out=tmp_path / name,
+            epochs=1,
+            batch_size=32,
+            device="cpu",
+            seed=3,
+            model_options=TINY,
+        )
         train(opts)
         runs.append(_weights(tmp_path / name / "checkpoints" / "last.pt"))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
-
-

@@ -7,7 +7,6 @@ Exit codes: 0 ok, 1 failure of the work, 2 bad usage or bad input (one clear lin
 from __future__ import annotations
 
 import json
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -67,7 +66,8 @@ def datasets_prepare(
     name: Annotated[str, typer.Argument(help="mnist | fashion-mnist | elpv | folder")],
     out: Annotated[Path, typer.Option("--out", help="target folder (for 'folder': the folder to validate)")],
     normal_class: Annotated[
-        str | None, typer.Option("--normal-class", help="mnist/fashion-mnist: the normal class (0-9 or a name)")
+        str | None,
+        typer.Option("--normal-class", help="mnist/fashion-mnist: the normal class (0-9 or a name)"),
     ] = None,
     cell_type: Annotated[str, typer.Option("--cell-type", help="elpv: mono | poly | all")] = "all",
     seed: Annotated[int, typer.Option(help="seed of the elpv 80/20 split")] = 0,
@@ -97,7 +97,8 @@ def train(
     seed: Annotated[int, typer.Option()] = 0,
     workers: Annotated[int, typer.Option(help="image decoding threads")] = 2,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="model setting key=value, e.g. --set loss=ssim (repeatable)")
+        list[str] | None,
+        typer.Option("--set", help="model setting key=value, e.g. --set loss=ssim (repeatable)"),
     ] = None,
 ) -> None:
     """Train a detector on normal images; writes RUN/ (config, checkpoints, metrics.jsonl). Ctrl-C saves and stops."""
@@ -138,7 +139,7 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Evaluate a run on DIR/test: image AUROC, max balanced accuracy, per-defect and pixel AUROC; plots in RUN/eval/."""
+    """Evaluate a run on DIR/test: image AUROC, max balanced accuracy, per-defect and pixel AUROC; plots in RUN/eval."""
     from trainer.eval_run import evaluate_run
 
     result = _run(lambda: evaluate_run(run, data, checkpoint=checkpoint, device=device))
@@ -146,8 +147,17 @@ def eval_(
         print(json.dumps(result, sort_keys=True))
         return
     table = Table(title=f"{result['model']} on {result['data']}", show_header=False, highlight=False)
-    for key in ("auroc", "max_balanced_accuracy", "threshold", "pixel_auroc", "n_normal", "n_anomalous",
-                "images_per_s", "epoch", "device"):
+    for key in (
+        "auroc",
+        "max_balanced_accuracy",
+        "threshold",
+        "pixel_auroc",
+        "n_normal",
+        "n_anomalous",
+        "images_per_s",
+        "epoch",
+        "device",
+    ):
         value = result.get(key)
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     for defect, value in sorted(result["per_defect_auroc"].items()):
@@ -162,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -68,7 +68,11 @@ def evaluate_run(
     spec = InputSpec(mc.image_size, mc.image_size, mc.channels)
 
     with Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), console=console, transient=True
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=console,
+        transient=True,
     ) as progress:
         task = progress.add_task("loading test images", total=len(index.test))
         images = load_images(index.test, spec, progress=lambda n: progress.advance(task, n))

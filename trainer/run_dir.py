@@ -1,10 +1,10 @@
 """The RUN folder: what a training run writes and what eval/export read back.
 
-    RUN/config.json           RunConfig (model name, resolved model config, data, seed, ...)
-    RUN/metrics.jsonl         one JSON object per line: epochs, interruptions, resumes
-    RUN/checkpoints/last.pt   everything an exact resume needs (weights, optimisers, RNG, position)
-    RUN/checkpoints/best.pt   weights with the lowest loss on the held-out 10% of train/good
-    RUN/eval/                 metrics.json, roc.png, extremes.png (written by eval)
+RUN/config.json           RunConfig (model name, resolved model config, data, seed, ...)
+RUN/metrics.jsonl         one JSON object per line: epochs, interruptions, resumes
+RUN/checkpoints/last.pt   everything an exact resume needs (weights, optimisers, RNG, position)
+RUN/checkpoints/best.pt   weights with the lowest loss on the held-out 10% of train/good
+RUN/eval/                 metrics.json, roc.png, extremes.png (written by eval)
 """
 
 from __future__ import annotations

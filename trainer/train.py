@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import random
 import signal
-
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -126,7 +125,7 @@ class _StopFlag:
 
     def __init__(self) -> None:
         self.stop = False
-        self._old: dict[int, Any] = {}
+        self._old: dict[signal.Signals, Any] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.stop and signum == signal.SIGINT:
@@ -141,8 +140,8 @@ class _StopFlag:
         try:
             yield self
         finally:
-            for sig, old in self._old.items():
-                signal.signal(sig, old)
+            for signum, old in self._old.items():
+                signal.signal(signum, old)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -238,7 +237,9 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
     # Data: decoded once through THE preprocessing, kept as uint8.
     tr_idx, va_idx = split_train_val(len(index.train), cfg.val_fraction, cfg.seed)
     spec = InputSpec(mc.image_size, mc.image_size, mc.channels)
-    console.print(f"loading {len(index.train)} training images from {cfg.data} at {spec.height}x{spec.width}x{spec.channels}")
+    console.print(
+        f"loading {len(index.train)} training images from {cfg.data} at {spec.height}x{spec.width}x{spec.channels}"
+    )
     images = torch.from_numpy(load_images(index.train, spec))
     train_x, val_x = images[torch.from_numpy(tr_idx)], images[torch.from_numpy(va_idx)]
 
@@ -360,5 +361,3 @@ def validation_loss(model: Detector, images: torch.Tensor, device: torch.device)
         n += len(x)
     model.train()
     return total / max(n, 1)
-
-

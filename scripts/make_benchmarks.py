@@ -1,0 +1,608 @@
+#!/usr/bin/env python3
+"""Generate docs/benchmarks.md from the results files docs/results/*.json (never type the tables).
+
+Usage::
+
+    python scripts/make_benchmarks.py [--results docs/results] [--out docs/benchmarks.md]
+                                      [--notes docs/benchmarks_notes] [--check]
+
+Each results file is a JSON list of records, one per (protocol, model, normal_class). Required keys:
+
+    protocol (str: "mnist-oneclass", "industrial", "elpv", ...; lower-case letters, digits, ".", "_", "-")
+    model (str)   normal_class (str, or int for MNIST digits)
+    auroc (number in [0, 1])   max_balanced_accuracy (number in [0, 1])
+    epochs (int >= 0)   seconds_per_epoch (number >= 0, seconds of wall time per training epoch)
+    seed (int)   device (str, e.g. "cuda:0 (H100)" or "cpu")   commit (str, git commit of the code)
+
+Optional keys (null = not recorded, the same as leaving the key out): per_defect_auroc ({defect:
+number in [0, 1]}), pixel_auroc (number in [0, 1]), image_size (int, or [height, width], pixels),
+batch_size (int), inference_ms_per_image (number, milliseconds), n_normal, n_anomalous,
+n_report_apart (ints: test-set sizes), command (str: the command that produced the record),
+machine (str), date (ISO 8601 date or date-time; no time zone = UTC). Any other key is an error
+(it is most likely a misspelling).
+
+Duplicates: when several records share (protocol, model, normal_class) (normal_class compared as
+text, so 3 and "3" are the same), the one with the latest "date" wins; a record without a date is
+older than any dated one; equal dates go to the later file (by file name), then the later index.
+
+The page: a generated-file header naming this command; then one section per protocol ("mnist-oneclass",
+"industrial", "elpv" first, any other protocol after them in name order), each with the hand-written
+prose of <notes>/<protocol>.md if that file exists, the table, and the distinct commands, machines,
+devices and commits of its records. Figures have 3 decimals; rows are sorted; output is deterministic.
+
+Exit codes: 0 written (or, with --check, up to date); 1 with --check when the page on disk differs from
+what would be generated (or is missing); 2 bad input (a missing folder, invalid JSON, a bad record:
+every problem is printed as one line naming the file and record index, no traceback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_RESULTS = REPO / "docs" / "results"
+DEFAULT_OUT = REPO / "docs" / "benchmarks.md"
+DEFAULT_NOTES = REPO / "docs" / "benchmarks_notes"
+SCRIPT = "scripts/make_benchmarks.py"
+
+#: Protocols shown first, in this order; any other protocol follows in name order.
+PROTOCOL_ORDER: tuple[str, ...] = ("mnist-oneclass", "industrial", "elpv")
+PROTOCOL_TITLES: dict[str, str] = {
+    "mnist-oneclass": "One-class MNIST",
+    "industrial": "Industrial folders (MVTec layout)",
+    "elpv": "ELPV solar cells",
+}
+PROTOCOL_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
+MNIST_DIGITS: tuple[str, ...] = tuple(str(d) for d in range(10))
+DASH = "–"
+
+
+class InputError(Exception):
+    """Bad input (exit code 2); ``lines`` are the messages, one problem per line."""
+
+    def __init__(self, lines: Sequence[str]) -> None:
+        super().__init__("\n".join(lines))
+        self.lines = list(lines)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v: Any) -> bool:
+    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+
+
+def _nonempty_str(v: Any) -> str | None:
+    if not isinstance(v, str) or not v.strip():
+        return "must be a non-empty string"
+    return None
+
+
+def _unit_interval(v: Any) -> str | None:
+    if not _is_number(v):
+        return "must be a finite number"
+    if not 0.0 <= v <= 1.0:
+        return f"must be in [0, 1], got {v}"
+    return None
+
+
+def _nonneg_number(v: Any) -> str | None:
+    if not _is_number(v):
+        return "must be a finite number"
+    if v < 0:
+        return f"must be >= 0, got {v}"
+    return None
+
+
+def _int_at_least(lo: int) -> Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        if not _is_int(v):
+            return "must be an integer"
+        if v < lo:
+            return f"must be >= {lo}, got {v}"
+        return None
+
+    return check
+
+
+def _any_int(v: Any) -> str | None:
+    return None if _is_int(v) else "must be an integer"
+
+
+def _protocol(v: Any) -> str | None:
+    if not isinstance(v, str) or not PROTOCOL_RE.match(v):
+        return 'must be a lower-case name of letters, digits, ".", "_", "-" (e.g. "mnist-oneclass")'
+    return None
+
+
+def _normal_class(v: Any) -> str | None:
+    if _is_int(v):
+        return None
+    return _nonempty_str(v)
+
+
+def _image_size(v: Any) -> str | None:
+    if _is_int(v) and v > 0:
+        return None
+    if isinstance(v, list) and len(v) == 2 and all(_is_int(x) and x > 0 for x in v):
+        return None
+    return "must be a positive integer or [height, width]"
+
+
+def _per_defect(v: Any) -> str | None:
+    if not isinstance(v, dict):
+        return "must be an object {defect: AUROC}"
+    for name, x in v.items():
+        if not name.strip():
+            return "has an empty defect name"
+        problem = _unit_interval(x)
+        if problem:
+            return f"[{name!r}] {problem}"
+    return None
+
+
+def _parse_date(v: str) -> datetime:
+    """ISO 8601 date or date-time -> aware datetime (no zone = UTC). ValueError if unparseable."""
+    text = v.strip()
+    if text.endswith(("Z", "z")):
+        text = text[:-1] + "+00:00"
+    dt = datetime.fromisoformat(text)
+    return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
+
+
+def _date(v: Any) -> str | None:
+    if not isinstance(v, str):
+        return "must be an ISO 8601 date string (e.g. 2025-01-31 or 2025-01-31T12:00:00Z)"
+    try:
+        _parse_date(v)
+    except ValueError:
+        return "must be an ISO 8601 date (e.g. 2025-01-31 or 2025-01-31T12:00:00Z)"
+    return None
+
+
+REQUIRED: dict[str, Callable[[Any], str | None]] = {
+    "protocol": _protocol,
+    "model": _nonempty_str,
+    "normal_class": _normal_class,
+    "auroc": _unit_interval,
+    "max_balanced_accuracy": _unit_interval,
+    "epochs": _int_at_least(0),
+    "seconds_per_epoch": _nonneg_number,
+    "seed": _any_int,
+    "device": _nonempty_str,
+    "commit": _nonempty_str,
+}
+OPTIONAL: dict[str, Callable[[Any], str | None]] = {
+    "per_defect_auroc": _per_defect,
+    "pixel_auroc": _unit_interval,
+    "image_size": _image_size,
+    "batch_size": _int_at_least(1),
+    "inference_ms_per_image": _nonneg_number,
+    "n_normal": _int_at_least(0),
+    "n_anomalous": _int_at_least(0),
+    "n_report_apart": _int_at_least(0),
+    "command": _nonempty_str,
+    "machine": _nonempty_str,
+    "date": _date,
+}
+
+
+def validate_record(rec: Any) -> list[str]:
+    """Return the problems of one record (empty list = valid), each naming the key concerned."""
+    if not isinstance(rec, dict):
+        return [f"must be a JSON object, got {type(rec).__name__}"]
+    problems: list[str] = []
+    for key, check in REQUIRED.items():
+        if key not in rec:
+            problems.append(f"missing required key {key!r}")
+            continue
+        problem = check(rec[key])
+        if problem:
+            problems.append(f"key {key!r} {problem} (got {rec[key]!r})")
+    for key, check in OPTIONAL.items():
+        if rec.get(key) is not None:
+            problem = check(rec[key])
+            if problem:
+                problems.append(f"key {key!r} {problem} (got {rec[key]!r})")
+    unknown = sorted(set(rec) - set(REQUIRED) - set(OPTIONAL))
+    for key in unknown:
+        problems.append(f"unknown key {key!r} (allowed: {', '.join(sorted({**REQUIRED, **OPTIONAL}))})")
+    if not problems and rec["protocol"] == "mnist-oneclass" and str(rec["normal_class"]) not in MNIST_DIGITS:
+        got = rec["normal_class"]
+        problems.append(f"key 'normal_class' must be a digit 0..9 for mnist-oneclass (got {got!r})")
+    return problems
+
+
+@dataclass(frozen=True)
+class Record:
+    """One validated results record and where it came from (file name, index in that file's list)."""
+
+    data: dict[str, Any]
+    file: str
+    index: int
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(protocol, model, normal_class as text): the identity of a benchmark figure."""
+        return (self.data["protocol"], self.data["model"], str(self.data["normal_class"]))
+
+    @property
+    def normal_class(self) -> str:
+        return str(self.data["normal_class"])
+
+    def recency(self, file_rank: int) -> tuple[int, datetime, int, int]:
+        """Sort key: undated first, then by date, then file order, then index (last = newest)."""
+        date = self.data.get("date")
+        if date is None:
+            return (0, datetime.min.replace(tzinfo=timezone.utc), file_rank, self.index)
+        return (1, _parse_date(date), file_rank, self.index)
+
+
+def _display_path(path: Path) -> str:
+    """``path`` relative to the repository when inside it, else absolute, with forward slashes."""
+    resolved = path.resolve()
+    try:
+        return resolved.relative_to(REPO).as_posix()
+    except ValueError:
+        return resolved.as_posix()
+
+
+def load_records(results_dir: Path) -> tuple[list[Record], int]:
+    """Read and validate every ``*.json`` in ``results_dir``; keep the newest record of each key.
+
+    Returns:
+        (the kept records, how many records were superseded by a newer one with the same key).
+
+    Raises:
+        InputError: the folder is missing, a file is not valid JSON or not a list, or any record is
+            invalid (all problems are collected, one line each, naming file and record index).
+    """
+    if not results_dir.is_dir():
+        raise InputError([f"results folder {_display_path(results_dir)} does not exist"])
+    files = sorted(results_dir.glob("*.json"), key=lambda p: p.name)
+    errors: list[str] = []
+    records: list[tuple[int, Record]] = []
+    for rank, path in enumerate(files):
+        shown = _display_path(path)
+        try:
+            content = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as exc:
+            errors.append(f"{shown}: cannot read: {exc}")
+            continue
+        except json.JSONDecodeError as exc:
+            errors.append(f"{shown}: invalid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}")
+            continue
+        if not isinstance(content, list):
+            errors.append(f"{shown}: must hold a JSON list of records, got {type(content).__name__}")
+            continue
+        for i, rec in enumerate(content):
+            problems = validate_record(rec)
+            errors.extend(f"{shown}: record {i}: {p}" for p in problems)
+            if not problems:
+                # An optional key set to null means "not recorded": drop it.
+                kept = {k: v for k, v in rec.items() if v is not None or k in REQUIRED}
+                records.append((rank, Record(kept, path.name, i)))
+    if errors:
+        raise InputError(errors)
+    newest: dict[tuple[str, str, str], tuple[int, Record]] = {}
+    for rank, rec in records:
+        held = newest.get(rec.key)
+        if held is None or rec.recency(rank) > held[1].recency(held[0]):
+            newest[rec.key] = (rank, rec)
+    return [rec for _, rec in newest.values()], len(records) - len(newest)
+
+
+# --------------------------------------------------------------------------------------------------
+# Rendering
+# --------------------------------------------------------------------------------------------------
+
+
+def _f3(v: Any) -> str:
+    """A figure with 3 decimals, or a dash when absent."""
+    return DASH if v is None else f"{float(v):.3f}"
+
+
+def _cell(text: Any) -> str:
+    """Text safe inside a Markdown table cell (pipes escaped, one line)."""
+    return str(text).replace("\\", "\\\\").replace("|", "\\|").replace("\r", " ").replace("\n", " ")
+
+
+#: Table columns holding text (left-aligned); every other column holds numbers (right-aligned).
+TEXT_COLUMNS = frozenset({"model", "dataset", "normal class", "device", "per-defect AUROC"})
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
+    """A Markdown table; text columns (:data:`TEXT_COLUMNS`) left-aligned, numbers right-aligned."""
+    align = [":--" if h in TEXT_COLUMNS else "--:" for h in header]
+    lines = ["| " + " | ".join(_cell(h) for h in header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
+    return lines
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def _range_int(values: Iterable[int]) -> str:
+    distinct = sorted(set(values))
+    if not distinct:
+        return DASH
+    return str(distinct[0]) if len(distinct) == 1 else f"{distinct[0]}{DASH}{distinct[-1]}"
+
+
+def _joined(values: Iterable[Any]) -> str:
+    distinct = sorted({str(v) for v in values})
+    return ", ".join(distinct) if distinct else DASH
+
+
+def _per_defect_text(rec: Record) -> str:
+    per = rec.data.get("per_defect_auroc") or {}
+    return ", ".join(f"{name} {per[name]:.3f}" for name in sorted(per)) or DASH
+
+
+def _has(records: Sequence[Record], key: str) -> bool:
+    return any(r.data.get(key) is not None for r in records)
+
+
+def _mnist_table(records: Sequence[Record]) -> list[str]:
+    """Rows = models; columns = AUROC per normal digit, mean AUROC, s/epoch, epochs, device."""
+    with_ms = _has(records, "inference_ms_per_image")
+    header = ["model", *MNIST_DIGITS, "mean AUROC", "s/epoch", "epochs", "device"]
+    if with_ms:
+        header.insert(-1, "ms/image")
+    rows: list[list[str]] = []
+    for model in sorted({r.data["model"] for r in records}):
+        mine = [r for r in records if r.data["model"] == model]
+        by_digit = {r.normal_class: r for r in mine}
+        aurocs = [float(by_digit[d].data["auroc"]) for d in MNIST_DIGITS if d in by_digit]
+        mean = _f3(_mean(aurocs))
+        if len(aurocs) < len(MNIST_DIGITS):
+            mean += f" ({len(aurocs)} of {len(MNIST_DIGITS)})"
+        row = [
+            model,
+            *(_f3(by_digit[d].data["auroc"]) if d in by_digit else DASH for d in MNIST_DIGITS),
+            mean,
+            _f3(_mean([float(r.data["seconds_per_epoch"]) for r in mine])),
+            _range_int(r.data["epochs"] for r in mine),
+            _joined(r.data["device"] for r in mine),
+        ]
+        if with_ms:
+            ms = [float(r.data["inference_ms_per_image"]) for r in mine if "inference_ms_per_image" in r.data]
+            row.insert(-1, _f3(_mean(ms)))
+        rows.append(row)
+    lines = _table(header, rows)
+    lines += [
+        "",
+        "Cells: image AUROC with that digit as the normal class (the nine others anomalous). "
+        'mean AUROC: over the 10 digits ("k of 10" when some are missing: not comparable). '
+        "s/epoch: mean over the digits' runs.",
+    ]
+    return lines
+
+
+def _industrial_table(records: Sequence[Record]) -> list[str]:
+    """Rows = (dataset = normal_class, model); image/pixel figures, per-defect AUROC, training cost."""
+    with_ms = _has(records, "inference_ms_per_image")
+    header = [
+        "dataset",
+        "model",
+        "image AUROC",
+        "max bal. acc.",
+        "pixel AUROC",
+        "test normal/anomalous",
+        "epochs",
+        "s/epoch",
+    ]
+    if with_ms:
+        header.append("ms/image")
+    header.append("per-defect AUROC")
+    rows: list[list[str]] = []
+    for rec in sorted(records, key=lambda r: (r.normal_class, r.data["model"])):
+        d = rec.data
+        counts = f"{d['n_normal']}/{d['n_anomalous']}" if "n_normal" in d and "n_anomalous" in d else DASH
+        row = [
+            rec.normal_class,
+            d["model"],
+            _f3(d["auroc"]),
+            _f3(d["max_balanced_accuracy"]),
+            _f3(d.get("pixel_auroc")),
+            counts,
+            str(d["epochs"]),
+            _f3(d["seconds_per_epoch"]),
+        ]
+        if with_ms:
+            row.append(_f3(d.get("inference_ms_per_image")))
+        row.append(_per_defect_text(rec))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _generic_table(records: Sequence[Record]) -> list[str]:
+    """Rows = (normal_class, model); every figure the records carry."""
+    with_pixel = _has(records, "pixel_auroc")
+    with_defects = _has(records, "per_defect_auroc")
+    with_counts = _has(records, "n_normal") or _has(records, "n_anomalous")
+    with_ms = _has(records, "inference_ms_per_image")
+    header = ["normal class", "model", "AUROC", "max bal. acc."]
+    header += ["pixel AUROC"] if with_pixel else []
+    header += ["test normal/anomalous"] if with_counts else []
+    header += ["epochs", "s/epoch"] + (["ms/image"] if with_ms else []) + ["device"]
+    header += ["per-defect AUROC"] if with_defects else []
+    rows: list[list[str]] = []
+    for rec in sorted(records, key=lambda r: (r.normal_class, r.data["model"])):
+        d = rec.data
+        row = [rec.normal_class, d["model"], _f3(d["auroc"]), _f3(d["max_balanced_accuracy"])]
+        if with_pixel:
+            row.append(_f3(d.get("pixel_auroc")))
+        if with_counts:
+            row.append(f"{d.get('n_normal', DASH)}/{d.get('n_anomalous', DASH)}")
+        row += [str(d["epochs"]), _f3(d["seconds_per_epoch"])]
+        if with_ms:
+            row.append(_f3(d.get("inference_ms_per_image")))
+        row.append(d["device"])
+        if with_defects:
+            row.append(_per_defect_text(rec))
+        rows.append(row)
+    return _table(header, rows)
+
+
+def _provenance(records: Sequence[Record]) -> list[str]:
+    """How to reproduce a section: distinct commands, machines, devices, commits, source files."""
+    lines: list[str] = []
+    commands = sorted({r.data["command"] for r in records if "command" in r.data})
+    missing = sum(1 for r in records if "command" not in r.data)
+    lines.append("Commands that produced these figures:")
+    lines.append("")
+    if commands:
+        lines.append("```sh")
+        lines += [c.rstrip() for c in commands]
+        lines.append("```")
+    if missing:
+        if commands:
+            lines.append("")
+        lines.append(f"({missing} record(s) carry no command.)")
+    lines.append("")
+    machines = sorted({r.data["machine"] for r in records if "machine" in r.data})
+    lines.append(f"- Machines: {'; '.join(_cell(m) for m in machines) if machines else DASH}")
+    lines.append(f"- Devices: {_joined(r.data['device'] for r in records)}")
+    lines.append(f"- Commits: {_joined(r.data['commit'] for r in records)}")
+    dates = sorted({r.data["date"] for r in records if "date" in r.data})
+    if dates:
+        lines.append(f"- Dates: {dates[0]}" + (f" to {dates[-1]}" if len(dates) > 1 else ""))
+    lines.append(f"- Results files: {', '.join(sorted({r.file for r in records}))}")
+    return lines
+
+
+def _protocol_sort_key(protocol: str) -> tuple[int, int, str]:
+    if protocol in PROTOCOL_ORDER:
+        return (0, PROTOCOL_ORDER.index(protocol), protocol)
+    return (1, 0, protocol)
+
+
+def _read_notes(notes_dir: Path, protocol: str) -> str:
+    """The stripped text of ``notes_dir/<protocol>.md`` ("" when absent); InputError if unreadable."""
+    notes = notes_dir / f"{protocol}.md"
+    if not notes.is_file():
+        return ""
+    try:
+        return notes.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError([f"{_display_path(notes)}: cannot read notes: {exc}"]) from exc
+
+
+def render(records: Sequence[Record], notes_dir: Path, command: str, results_shown: str) -> str:
+    """The whole page as text (ends with one newline). Deterministic for the same inputs.
+
+    Raises:
+        InputError: a notes file exists but cannot be read as UTF-8 text.
+    """
+    out: list[str] = [
+        "<!-- GENERATED FILE: do not edit by hand. Regenerate with: " + command + " -->",
+        "",
+        "# Benchmarks",
+        "",
+        f"This page is generated by `{command}` from the results files `{results_shown}/*.json`; "
+        "do not edit it by hand (`--check` fails when it is stale). Commentary belongs in "
+        f"`{_display_path(notes_dir)}/<protocol>.md`, which is inserted under that protocol's heading.",
+        "",
+        "AUROC and max balanced accuracy are image-level and computed on the test split only; the "
+        "balanced-accuracy threshold is an oracle chosen on that test set (a reporting figure, not "
+        "the threshold a bundle ships). Figures have 3 decimals.",
+    ]
+    if not records:
+        out += ["", "No results recorded yet."]
+    for protocol in sorted({r.data["protocol"] for r in records}, key=_protocol_sort_key):
+        mine = [r for r in records if r.data["protocol"] == protocol]
+        title = PROTOCOL_TITLES.get(protocol)
+        out += ["", f"## {protocol}" + (f": {title}" if title else ""), ""]
+        text = _read_notes(notes_dir, protocol)
+        if text:
+            out += [text, ""]
+        if protocol == "mnist-oneclass":
+            out += _mnist_table(mine)
+        elif protocol == "industrial":
+            out += _industrial_table(mine)
+        else:
+            out += _generic_table(mine)
+        out += [""] + _provenance(mine)
+    return "\n".join(out).rstrip("\n") + "\n"
+
+
+def _command_line(results: Path, out: Path, notes: Path) -> str:
+    """The canonical command for the page header: default paths are left out."""
+    parts = ["python", SCRIPT]
+    if results.resolve() != DEFAULT_RESULTS:
+        parts += ["--results", _display_path(results)]
+    if out.resolve() != DEFAULT_OUT:
+        parts += ["--out", _display_path(out)]
+    if notes.resolve() != DEFAULT_NOTES:
+        parts += ["--notes", _display_path(notes)]
+    return " ".join(parts)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 1 stale with --check, 2 bad input)."""
+    parser = argparse.ArgumentParser(description="Generate docs/benchmarks.md from docs/results/*.json.")
+    parser.add_argument("--results", type=Path, default=DEFAULT_RESULTS, help="folder of results *.json")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="the Markdown page to write")
+    parser.add_argument(
+        "--notes",
+        type=Path,
+        default=DEFAULT_NOTES,
+        help="folder of hand-written <protocol>.md notes (optional)",
+    )
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; exit 1 if the page on disk differs from what would be generated",
+    )
+    args = parser.parse_args(argv)
+
+    command = _command_line(args.results, args.out, args.notes)
+    try:
+        records, superseded = load_records(args.results)
+        text = render(records, args.notes, command, _display_path(args.results))
+    except InputError as exc:
+        for line in exc.lines:
+            print(f"error: {line}", file=sys.stderr)
+        return 2
+    out_shown = _display_path(args.out)
+    summary = f"{len(records)} records" + (f", {superseded} superseded by newer ones" if superseded else "")
+    if args.check:
+        try:
+            current = args.out.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            current = None
+        if current != text:
+            why = "is missing" if current is None else "is out of date"
+            print(f"{out_shown} {why}: run {command}", file=sys.stderr)
+            return 1
+        print(f"{out_shown} is up to date ({summary})")
+        return 0
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"error: cannot write {out_shown}: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out_shown} ({summary})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""Tests of scripts/make_benchmarks.py, run as a subprocess the way a person or CI runs it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "make_benchmarks.py"
+
+
+def _record(protocol: str, model: str, normal_class: Any, auroc: float, **extra: Any) -> dict[str, Any]:
+    rec: dict[str, Any] = {
+        "protocol": protocol,
+        "model": model,
+        "normal_class": normal_class,
+        "auroc": auroc,
+        "max_balanced_accuracy": 0.75,
+        "epochs": 15,
+        "seconds_per_epoch": 2.0,
+        "seed": 0,
+        "device": "cpu",
+        "commit": "0123abc",
+    }
+    rec.update(extra)
+    return rec
+
+
+def _run(tmp: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--results",
+        str(tmp / "results"),
+        "--out",
+        str(tmp / "bench.md"),
+        "--notes",
+        str(tmp / "notes"),
+        *extra,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=tmp, timeout=60)
+
+
+def _row(text: str, *first_cells: str) -> list[str]:
+    """The cells of the one table row whose leading cells are ``first_cells``."""
+    rows = []
+    for line in text.splitlines():
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if cells[: len(first_cells)] == list(first_cells):
+                rows.append(cells)
+    assert len(rows) == 1, f"expected one row starting {first_cells}, found {rows}"
+    return rows[0]
+
+
+def _header(text: str, first_cell: str) -> list[str]:
+    return _row(text, first_cell)
+
+
+@pytest.fixture()
+def results(tmp_path: Path) -> Path:
+    """Two results files: ae on all 10 digits split across them, ganomaly on 3, one industrial record."""
+    res = tmp_path / "results"
+    res.mkdir()
+    ae = [0.99, 0.98, 0.85, 0.87, 0.90, 0.80, 0.95, 0.92, 0.81, 0.93]
+    a = [
+        _record("mnist-oneclass", "ae", d, ae[d], command="edge-trainer train --model ae", date="2025-01-02")
+        for d in range(5)
+    ]
+    a.append(
+        _record(
+            "industrial",
+            "ae",
+            "mvtec_bottle",
+            0.9512,
+            pixel_auroc=0.8844,
+            n_normal=20,
+            n_anomalous=63,
+            per_defect_auroc={"contamination": 0.9, "broken_large": 0.99},
+            machine="1x H100",
+            device="cuda:0",
+        )
+    )
+    b = [_record("mnist-oneclass", "ae", str(d), ae[d], date="2025-01-02") for d in range(5, 10)]
+    b += [_record("mnist-oneclass", "ganomaly", d, 0.7 + d / 100) for d in (1, 2, 3)]
+    (res / "a.json").write_text(json.dumps(a))
+    (res / "b.json").write_text(json.dumps(b))
+    return res
+
+
+def test_tables_rows_and_mean(tmp_path: Path, results: Path) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mnist-oneclass.md").write_text("Hand-written commentary on MNIST.\n")
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "bench.md").read_text()
+
+    assert "do not edit" in text.lower()
+    assert "scripts/make_benchmarks.py" in text.splitlines()[0]
+    # Notes go under their protocol's heading, before the table.
+    mnist_at = text.index("## mnist-oneclass")
+    assert mnist_at < text.index("Hand-written commentary on MNIST.") < text.index("| model |")
+    assert text.index("## mnist-oneclass") < text.index("## industrial")
+
+    header = _header(text, "model")
+    assert header[:11] == ["model", *[str(d) for d in range(10)]]
+    assert header[11:15] == ["mean AUROC", "s/epoch", "epochs", "device"]
+    ae = _row(text, "ae")
+    assert ae[1:11] == ["0.990", "0.980", "0.850", "0.870", "0.900", "0.800", "0.950", "0.920", "0.810", "0.930"]
+    assert ae[11] == "0.900"  # mean of the ten
+    assert ae[12:15] == ["2.000", "15", "cpu"]
+    gan = _row(text, "ganomaly")
+    assert gan[1:11] == ["–", "0.710", "0.720", "0.730"] + ["–"] * 6
+    assert gan[11] == "0.720 (3 of 10)"
+
+    bottle = _row(text, "mvtec_bottle", "ae")
+    assert bottle[2:5] == ["0.951", "0.750", "0.884"]
+    assert "broken_large 0.990, contamination 0.900" in bottle
+    assert "20/63" in bottle
+    # Provenance under the sections.
+    assert "edge-trainer train --model ae" in text
+    assert "1x H100" in text and "0123abc" in text and "cuda:0" in text
+
+
+def test_output_is_deterministic_and_check(tmp_path: Path, results: Path) -> None:
+    out = tmp_path / "bench.md"
+    missing = _run(tmp_path, "--check")
+    assert missing.returncode == 1 and "missing" in missing.stderr
+    assert not out.exists()
+
+    assert _run(tmp_path).returncode == 0
+    first = out.read_text()
+    assert _run(tmp_path).returncode == 0
+    assert out.read_text() == first
+
+    ok = _run(tmp_path, "--check")
+    assert ok.returncode == 0, ok.stderr
+    out.write_text(first.replace("0.990", "0.991"))
+    stale = _run(tmp_path, "--check")
+    assert stale.returncode == 1
+    assert "out of date" in stale.stderr and "Traceback" not in stale.stderr
+    assert out.read_text() == first.replace("0.990", "0.991")  # --check writes nothing
+
+    # A new results file makes the page stale too.
+    assert _run(tmp_path).returncode == 0
+    (results / "c.json").write_text(json.dumps([_record("elpv", "ae", "mono", 0.66)]))
+    assert _run(tmp_path, "--check").returncode == 1
+    assert _run(tmp_path).returncode == 0
+    assert _row(out.read_text(), "mono", "ae")[2] == "0.660"
+
+
+def test_duplicate_key_latest_date_wins(tmp_path: Path, results: Path) -> None:
+    # "0" and 0 are the same normal class; the record dated later wins whatever the file order.
+    newer = _record("mnist-oneclass", "ae", "0", 0.5, date="2025-03-01T00:00:00Z")
+    older = _record("mnist-oneclass", "ae", 0, 0.4, date="2024-12-31")
+    (results / "0_newer.json").write_text(json.dumps([newer]))
+    (results / "z_older.json").write_text(json.dumps([older]))
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    ae = _row((tmp_path / "bench.md").read_text(), "ae")
+    assert ae[1] == "0.500"
+
+
+def test_bad_record_is_a_clear_error(tmp_path: Path, results: Path) -> None:
+    bad = _record("industrial", "ae", "bsdata_pitting", 0.8)
+    del bad["auroc"]
+    typo = _record("industrial", "cbigan", "bsdata_pitting", 0.8, pixel_aurco=0.7)
+    wrong_type = _record("industrial", "oclr", "bsdata_pitting", 0.8, epochs="15")
+    (results / "bad.json").write_text(json.dumps([_record("elpv", "ae", "all", 0.6), bad, typo, wrong_type]))
+    proc = _run(tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert any("bad.json" in ln and "record 1" in ln and "'auroc'" in ln for ln in lines), lines
+    assert any("bad.json" in ln and "record 2" in ln and "'pixel_aurco'" in ln for ln in lines), lines
+    assert any("bad.json" in ln and "record 3" in ln and "'epochs'" in ln for ln in lines), lines
+    assert not any("record 0" in ln for ln in lines)
+    assert not (tmp_path / "bench.md").exists()
+
+
+def test_invalid_json_and_missing_folder(tmp_path: Path, results: Path) -> None:
+    (results / "broken.json").write_text('[{"protocol": "elpv",')
+    proc = _run(tmp_path)
+    assert proc.returncode == 2
+    assert "broken.json" in proc.stderr and "invalid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+    (results / "broken.json").write_text('{"protocol": "elpv"}')
+    proc = _run(tmp_path)
+    assert proc.returncode == 2 and "list" in proc.stderr
+
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--results", str(tmp_path / "nope"), "--out", str(tmp_path / "x.md")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "does not exist" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_mnist_normal_class_must_be_a_digit(tmp_path: Path, results: Path) -> None:
+    (results / "c.json").write_text(json.dumps([_record("mnist-oneclass", "ae", "ten", 0.6)]))
+    proc = _run(tmp_path)
+    assert proc.returncode == 2
+    assert "c.json: record 0" in proc.stderr and "normal_class" in proc.stderr
+
+
+def test_null_optional_keys_mean_not_recorded(tmp_path: Path, results: Path) -> None:
+    rec = _record(
+        "industrial",
+        "ae",
+        "magnetic_tile",
+        0.7,
+        pixel_auroc=None,
+        image_size=None,
+        command=None,
+        date=None,
+        inference_ms_per_image=None,
+    )
+    (results / "c.json").write_text(json.dumps([rec]))
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    row = _row((tmp_path / "bench.md").read_text(), "magnetic_tile", "ae")
+    assert row[2:5] == ["0.700", "0.750", "–"]
+    # A required key may not be null.
+    (results / "c.json").write_text(json.dumps([_record("industrial", "ae", "magnetic_tile", 0.7, seed=None)]))
+    proc = _run(tmp_path)
+    assert proc.returncode == 2 and "'seed'" in proc.stderr
+
+
+def test_empty_results_folder(tmp_path: Path) -> None:
+    (tmp_path / "results").mkdir()
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "No results recorded yet." in (tmp_path / "bench.md").read_text()
