@@ -40,7 +40,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check deploy edge_daemon
+	$(BIN)/ruff format --check .
 
 typecheck: install
 	$(BIN)/mypy --python-version 3.10 deploy edge_daemon

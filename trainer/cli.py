@@ -26,7 +26,7 @@ app = typer.Typer(
 datasets_app = typer.Typer(no_args_is_help=True, help="Fetch real datasets and lay them out as MVTec-style folders.")
 app.add_typer(datasets_app, name="datasets")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 T = TypeVar("T")
 
 

@@ -59,7 +59,7 @@ def evaluate_run(
     console: Console | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``run`` on ``data`` (default: the folder it was trained on); see the module docstring."""
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     cfg = read_run_config(run)
     dev = resolve_device(device)
     model, ckpt = load_model(run, checkpoint, dev)

@@ -448,9 +448,7 @@ def save_extremes_grid(
             if col == 0:
                 ax_img.set_ylabel(f"{group_name}\nimage", fontsize=8)
                 ax_map.set_ylabel(f"{group_name}\nanomaly map", fontsize=8)
-    fig.colorbar(
-        ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), shrink=0.6, label="anomaly map value"
-    )
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=axes.ravel().tolist(), shrink=0.6, label="anomaly map value")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, format="png")

@@ -217,7 +217,7 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
     Raises UserError/DatasetError for bad input, CapabilityError for a missing device, and
     Interrupted after a Ctrl-C/SIGTERM once the checkpoint is written.
     """
-    console = console or Console(stderr=True)
+    console = console or Console(stderr=True, soft_wrap=True)
     device = resolve_device(opts.device)
     run = opts.out
     existing = read_run_config(run) if (run / CONFIG_FILE).is_file() else None
