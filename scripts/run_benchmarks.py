@@ -55,6 +55,20 @@ def _machine() -> str:
     return f"CPU only, {cpu}, torch {torch.__version__}"
 
 
+def _command(args: argparse.Namespace) -> str:
+    """The command line as a reader would rerun it: results under docs/results, no scratch folder."""
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            continue
+        if a in ("--work", "--results"):
+            skip = True
+            continue
+        argv.append(a)
+    return f"python scripts/run_benchmarks.py {shlex.join(argv)} --results docs/results/{args.results.name}"
+
+
 def _load(path: Path) -> list[dict[str, Any]]:
     return json.loads(path.read_text()) if path.is_file() else []
 
@@ -114,7 +128,7 @@ def run_one(
         "device": result.device,
         "machine": _machine(),
         "commit": _commit(),
-        "command": "python scripts/run_benchmarks.py " + shlex.join(sys.argv[1:]),
+        "command": _command(args),
         "date": time.strftime("%Y-%m-%d"),
     }
     records.append(record)

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from trainer.datasets.folder import DEFAULT_WORKERS
 from trainer.errors import CapabilityError, UserError
 
 app = typer.Typer(
@@ -88,14 +89,14 @@ def train(
     model: Annotated[str, typer.Option(help="registered model name (ae, ganomaly, ...)")],
     data: Annotated[Path, typer.Option(help="MVTec-layout folder; trains on DIR/train/good")],
     out: Annotated[Path, typer.Option(help="RUN folder; an existing run there is resumed")],
-    epochs: Annotated[int | None, typer.Option(help="default: the model's")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="default: the model's")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="default: the model's")] = None,
+    batch_size: Annotated[int | None, typer.Option(min=1, help="default: the model's")] = None,
     image_size: Annotated[int | None, typer.Option(help="input height = width in pixels; default: the model's")] = None,
     channels: Annotated[int | None, typer.Option(help="1 or 3; default: inferred from the images")] = None,
     lr: Annotated[float | None, typer.Option(help="base learning rate; default: the model's")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     seed: Annotated[int, typer.Option()] = 0,
-    workers: Annotated[int, typer.Option(help="image decoding threads")] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="image decoding threads")] = DEFAULT_WORKERS,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="model setting key=value, e.g. --set loss=ssim (repeatable)"),

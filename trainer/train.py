@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from deploy.preprocess import InputSpec
-from trainer.datasets.folder import FolderIndex, infer_channels, load_images, scan_folder
+from trainer.datasets.folder import DEFAULT_WORKERS, FolderIndex, infer_channels, load_images, scan_folder
 from trainer.errors import CapabilityError, DatasetError, UserError
 from trainer.models import Detector, build_config, build_model, model_class
 from trainer.run_dir import (
@@ -63,7 +63,7 @@ class TrainOptions:
     lr: float | None = None
     device: str = "auto"
     seed: int = 0
-    workers: int = 2
+    workers: int = DEFAULT_WORKERS
     val_fraction: float = 0.1
     model_options: dict[str, Any] = field(default_factory=dict)
 
@@ -240,7 +240,7 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
     console.print(
         f"loading {len(index.train)} training images from {cfg.data} at {spec.height}x{spec.width}x{spec.channels}"
     )
-    images = torch.from_numpy(load_images(index.train, spec))
+    images = torch.from_numpy(load_images(index.train, spec, workers=opts.workers))
     train_x, val_x = images[torch.from_numpy(tr_idx)], images[torch.from_numpy(va_idx)]
 
     run.mkdir(parents=True, exist_ok=True)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import ValidationError
+
 from trainer.errors import UserError
 from trainer.models.ae import AutoEncoder
 from trainer.models.base import Detector, ModelConfig
@@ -33,8 +35,9 @@ def build_config(name: str, **overrides: Any) -> ModelConfig:
     values = {k: v for k, v in overrides.items() if v is not None}
     try:
         config = cls.Config(**values)
-    except ValueError as exc:  # pydantic.ValidationError is a ValueError
-        raise UserError(f"invalid settings for model {name!r}: {exc}") from None
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise UserError(f"invalid settings for model {name!r}: {problems}") from None
     cls.check_config(config)
     return config
 
