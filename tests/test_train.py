@@ -122,9 +122,10 @@ def test_resume_after_ctrl_c_gives_the_same_weights(model: str, mnist_small: Pat
 def _one_line_error(res: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
     assert res.returncode == code, (res.returncode, res.stdout, res.stderr)
     assert "Traceback" not in res.stderr
-    text = " ".join(res.stderr.split())
+    errors = [line for line in res.stderr.splitlines() if line.startswith(("error:", "missing capability:"))]
+    assert len(errors) == 1, res.stderr  # one line, even for long paths (no wrapping)
     for needle in needles:
-        assert needle in text, res.stderr
+        assert needle in errors[0], res.stderr
 
 
 def test_bad_inputs_get_one_clear_line(mnist_small: Path, tmp_path: Path, shared_data: Path) -> None:
@@ -192,6 +193,11 @@ def test_bad_inputs_get_one_clear_line(mnist_small: Path, tmp_path: Path, shared
         "latent=8",
     )
     assert ok.returncode == 0, ok.stderr
+    _one_line_error(
+        cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "run", *base, "--set", "loss=ssim"),
+        2,
+        "other model settings (loss='l2')",
+    )
     _one_line_error(
         cli("train", "--model", "ganomaly", "--data", mnist_small, "--out", tmp_path / "run", *base),
         2,

@@ -122,6 +122,8 @@ def train(
             model_options=_parse_sets(set_ or []),
         )
         result = do_train(opts)
+        if result.epochs_run == 0:
+            return
         err.print(
             f"trained {model} for {result.epochs_done} epochs on {result.device}: best held-out loss "
             f"{result.best_val_loss:.5g}, {result.seconds_per_epoch:.1f} s/epoch -> {out}",

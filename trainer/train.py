@@ -72,6 +72,7 @@ class TrainOptions:
 class TrainResult:
     run: Path
     epochs_done: int
+    epochs_run: int  # by this call (0 when the run was already complete)
     best_val_loss: float
     seconds_per_epoch: float
     device: str
@@ -197,10 +198,13 @@ def _resolve_config(opts: TrainOptions, existing: RunConfig | None, index: Folde
             "epochs": opts.epochs or existing.epochs,
         }
     )
-    if opts.image_size is not None and opts.image_size != mc["image_size"]:
+    asked_model = {"image_size": opts.image_size, "channels": opts.channels, **opts.model_options}
+    changed = sorted(k for k, v in asked_model.items() if v is not None and mc.get(k) != v)
+    if changed:
         raise UserError(
-            f"{opts.out} holds a run at image size {mc['image_size']}, not {opts.image_size}; "
-            "use another --out for a new run"
+            f"{opts.out} holds a run with other model settings ("
+            + ", ".join(f"{k}={mc.get(k)!r}" for k in changed)
+            + "); use another --out for a new run"
         )
     diff = asked.same_run_as(existing)
     if diff:
@@ -257,6 +261,8 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
         append_metrics(run, {"event": "resumed", "epoch": start_epoch, "batch": start_batch})
         console.print(f"resuming {run} at epoch {start_epoch}, batch {start_batch}")
     write_json_atomic(run / CONFIG_FILE, cfg.model_dump())
+    if start_epoch > cfg.epochs:
+        console.print(f"{run} has already trained {cfg.epochs} epochs; pass a larger --epochs to train on")
 
     def checkpoint(epoch: int, batch: int) -> None:
         save_torch_atomic(
@@ -344,6 +350,7 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
     return TrainResult(
         run=run,
         epochs_done=cfg.epochs,
+        epochs_run=len(epoch_seconds),
         best_val_loss=best_val,
         seconds_per_epoch=float(np.mean(epoch_seconds)) if epoch_seconds else float("nan"),
         device=str(device),
