@@ -32,7 +32,7 @@ demo: install
 	$(BIN)/edge-trainer eval $(DEMO_DIR)/runs/ae-3 --data $(DEMO_DIR)/data/mnist-3
 	$(BIN)/edge-trainer datasets prepare folder --out $(SHARED_DATA)/mvtec_bottle
 	$(BIN)/edge-trainer train --model ae --data $(SHARED_DATA)/mvtec_bottle --out $(DEMO_DIR)/runs/ae-bottle \
-		--image-size 64 --epochs 5
+		--image-size 64 --batch-size 16 --epochs 30
 	$(BIN)/edge-trainer eval $(DEMO_DIR)/runs/ae-bottle --json
 
 test: install

@@ -260,6 +260,8 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
         start_epoch, start_batch, best_val = ckpt["epoch"], ckpt["batch"], ckpt["best_val"]
         append_metrics(run, {"event": "resumed", "epoch": start_epoch, "batch": start_batch})
         console.print(f"resuming {run} at epoch {start_epoch}, batch {start_batch}")
+    else:
+        model.before_training(lambda: _float_batches(train_x, device))
     write_json_atomic(run / CONFIG_FILE, cfg.model_dump())
     if start_epoch > cfg.epochs:
         console.print(f"{run} has already trained {cfg.epochs} epochs; pass a larger --epochs to train on")
@@ -357,13 +359,18 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
     )
 
 
+def _float_batches(images: torch.Tensor, device: torch.device) -> Iterator[torch.Tensor]:
+    """uint8 [N, C, H, W] -> float32 [0, 1] batches of EVAL_BATCH on ``device``, in order."""
+    for i in range(0, len(images), EVAL_BATCH):
+        yield images[i : i + EVAL_BATCH].to(device).float().div_(255.0)
+
+
 @torch.no_grad()
 def validation_loss(model: Detector, images: torch.Tensor, device: torch.device) -> float:
     """Mean of ``model.validation_loss`` over held-out uint8 images, in eval mode."""
     model.eval()
     total, n = 0.0, 0
-    for i in range(0, len(images), EVAL_BATCH):
-        x = images[i : i + EVAL_BATCH].to(device).float().div_(255.0)
+    for x in _float_batches(images, device):
         total += float(model.validation_loss(x).sum())
         n += len(x)
     model.train()

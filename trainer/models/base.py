@@ -12,7 +12,11 @@ devices, epochs, batching, checkpoints and logging and calls, per batch:
 
     losses = model.training_step(x, optimizers)      # x on the model's device, float32 [0, 1]
 
-with ``optimizers = model.make_optimizers(lr)`` created once (their states are checkpointed).
+with ``optimizers = model.make_optimizers(lr)`` created once (their states are checkpointed),
+``before_training`` once at the start of a new run and ``on_epoch_start`` before every epoch.
+Randomness inside a model (noise, crops, priors) must come from torch's default generators
+(torch.rand/randn/randint/randperm on the model's device), whose states the trainer checkpoints:
+that is what makes a resumed run bit-identical to an uninterrupted one on CPU.
 ``validation_loss(x)`` is a loss on held-out NORMAL images that the trainer uses to keep the
 best checkpoint (never test anomalies).
 """
@@ -20,6 +24,7 @@ best checkpoint (never test anomalies).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from typing import ClassVar
 
 import torch
@@ -72,6 +77,15 @@ class Detector(nn.Module, ABC):
     @abstractmethod
     def validation_loss(self, x: torch.Tensor) -> torch.Tensor:
         """Per-image loss on held-out normal images, float32 [B], in eval mode without gradients."""
+
+    def before_training(self, batches: Callable[[], Iterator[torch.Tensor]]) -> None:
+        """Called once when a NEW run starts (not on resume), before the first step.
+
+        ``batches()`` yields the training images (never the held-out ones) as float32 [B, C, H, W]
+        batches in [0, 1] on the model's device, in a fixed order. A model that needs statistics of
+        the training set before training (OCLR's fixed centre) computes them here and keeps them in
+        buffers, so that they are checkpointed with the weights.
+        """
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called before each epoch, ``epoch`` counted from 1 (EDE weights its losses by it)."""
