@@ -12,12 +12,22 @@ from pydantic import ValidationError
 
 from trainer.errors import UserError
 from trainer.models.ae import AutoEncoder
+from trainer.models.alcn import ALCN
 from trainer.models.base import Detector, ModelConfig
+from trainer.models.cbigan import CBiGAN
+from trainer.models.ede import EDE
 from trainer.models.ganomaly import GANomaly
+from trainer.models.oclr import OCLR
 
 REGISTRY: dict[str, type[Detector]] = {
+    # baselines
     AutoEncoder.name: AutoEncoder,
     GANomaly.name: GANomaly,
+    # the four published detectors (MODELS.md)
+    EDE.name: EDE,
+    OCLR.name: OCLR,
+    CBiGAN.name: CBiGAN,
+    ALCN.name: ALCN,
 }
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -42,7 +42,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     image_size: int = Field(32, description="input height = width, pixels")
-    channels: int = Field(1, description="1 grey, 3 colour (RGB)")
+    channels: Literal[1, 3] = Field(1, description="1 grey, 3 colour (RGB)")
     lr: float = Field(2e-4, gt=0)
     batch_size: int = Field(64, ge=1)
     epochs: int = Field(15, ge=1)

@@ -1,0 +1,280 @@
+"""``alcn``: a denoising autoencoder trained against adversarially learned continuous noise.
+
+Barker, Bhowmik, Gaus, Breckon, "Robust Semi-Supervised Anomaly Detection via Adversarially Learned
+Continuous Noise Corruption", VISAPP 2023 (arXiv 2303.03925). No public code: the paper and
+MODELS.md section 4 are the sources.
+
+Nets (b = ``base_channels``, 16 in the paper; c = image channels; all convolutions 5x5, stride 1,
+no padding ("valid"), with bias):
+
+- G_denoise: Conv(c, b)-ReLU-Conv(b, 2b)-ReLU-ConvT(2b, b)-ReLU-ConvT(b, c), no output activation.
+  H x W -> (H-8) x (W-8) -> H x W.
+- G_noise: z ~ N(0, I_latent) (latent 256) -> Linear(latent, 2b (H-8)(W-8)) -> ReLU -> reshape
+  [2b, H-8, W-8] -> ConvT(2b, b)-ReLU-ConvT(b, c)-Sigmoid: noise in [0, 1] at H x W (at 28 x 28 the
+  Linear has 32 x 20 x 20 = 12,800 outputs, as in the paper's figure).
+
+Training, per batch x (float32 [0, 1]):
+
+1. draw z [B, latent] ~ N(0, I) and alpha ~ U[alpha_min, alpha_max] ONCE (``draw``);
+2. noise step (``noise_step``): xn = alpha x + (1 - alpha) G_noise(z); G_noise ASCENDS
+   L(x, G_denoise(xn)) (its optimiser minimises -L); G_denoise is frozen (requires_grad off for the
+   step, so its parameters neither change nor collect gradients);
+3. denoise step (``denoise_step``): xn' = alpha x + (1 - alpha) G_noise'(z) with the UPDATED G_noise,
+   the same z and alpha, G_noise evaluated without gradients; G_denoise descends L(x, G_denoise(xn')).
+
+L is the Focal Frequency Loss (Jiang et al., ICCV 2021) from the authors' package
+``focal-frequency-loss`` (``FocalFrequencyLoss(loss_weight=1, alpha=1)``): F = fft2(., norm='ortho'),
+d = |F_pred - F_target|^2, w = sqrt(d)^alpha normalised by its max per image and channel, clamped
+to [0, 1], detached; loss = mean(w d). tests/test_model_alcn.py checks the package against this
+formula computed directly.
+
+Score: mean |x - G_denoise(x)| over channels and pixels on the CLEAN input (no noise at test time);
+map: |x - G_denoise(x)| per pixel, mean over channels. Only G_denoise is in the exported graph.
+
+Choices the paper leaves open ("paper: ...; ours: ..."):
+
+- paper: inputs standardised; ours: x in [0, 1], no normalisation inside ``forward``: the blend
+  alpha x + (1 - alpha) noise mixes the image with sigmoid noise in [0, 1], which is only
+  range-consistent for [0, 1] images (the paper's own argument assumes it; MODELS.md).
+- paper: "alpha ~ U[0.2, 0.9]" for each batch, per-sample not stated; ours: one alpha per batch
+  (``alpha_per_sample=False``), reused in both steps; ``alpha_per_sample=True`` draws one per image.
+- paper: z drawn once per batch; ours: z is [B, latent], one vector per image (so the images of a
+  batch get different noise), drawn once per batch and reused by the denoise step.
+- paper: the step-2 line drops alpha (xn' = x + G_noise(z)); ours: the same blend as step 1 with the
+  same alpha (a typo in the paper, MODELS.md).
+- paper: figure only for 28 x 28 (MNIST/CIFAR); a literal Linear at 256 x 256 would have ~0.5 G
+  parameters. Ours: up to ``noise_literal_max_size`` (default 32: MNIST's 28 and CIFAR's 32) the
+  figure is literal (at 32: a 4.7 M-parameter Linear); above it G_noise starts from a small seed
+  map: Linear(latent, 2b s s) -> ReLU -> k x [bilinear upsample x2 -> Conv3x3(2b, 2b, padding 1)
+  -> ReLU] -> centre crop to (H-8) x (W-8) -> the same two ConvT + Sigmoid. s = ceil((H-8) / 2^k)
+  with the smallest k giving s <= ``noise_seed_size`` (default 8); at 256: s = 8, k = 5,
+  8 -> 256 -> crop 248 -> 256 (Linear 256 -> 2,048 outputs, 0.5 M parameters).
+- paper: Adam, lr 1e-5 (G_denoise) and 8e-3 (G_noise), betas not stated; ours: Adam with PyTorch's
+  default betas (0.9, 0.999). The trainer's ``--lr`` (``lr``) is the denoiser's rate; the noise
+  generator's is ``noise_lr``.
+- paper: batch 4096 (MNIST); ours: ``batch_size`` 4096 by default (use 16 for 256 px images). The
+  trainer drops the last incomplete batch of an epoch (one batch when the data are fewer): a one-class
+  MNIST digit (digit 1: 6,742 images, 6,068 after the held-out 10%) gives ONE step of 4,096 per epoch.
+- paper: number of epochs not stated; ours: 1000 by default (= 1000 steps at batch 4096 on one
+  MNIST digit; at lr 1e-5 the denoiser needs many steps).
+- paper: no weight initialisation stated; ours: PyTorch defaults.
+- paper: no anomaly score defined; ours: mean |x - G_denoise(x)| on clean input (MODELS.md).
+- paper: model selection not stated; ours: ``validation_loss`` = the anomaly score itself, mean
+  |x - G_denoise(x)| per held-out normal image. It does not depend on G_noise (whose adversarial
+  loss is not stationary), so it compares checkpoints on one fixed scale: how well the denoiser
+  reproduces normal images, which is what the score measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from focal_frequency_loss import FocalFrequencyLoss
+from pydantic import Field
+from torch import nn
+
+from trainer.errors import UserError
+from trainer.models.base import Detector, ModelConfig
+
+KERNEL = 5
+SHRINK = 2 * (KERNEL - 1)  # two valid 5x5 convolutions take 8 pixels off each side length
+MIN_SIZE = 16
+MAX_SIZE = 1024
+
+
+class ALCNConfig(ModelConfig):
+    image_size: int = Field(28, description="input height = width, pixels (paper: 28 for MNIST/CIFAR; 256 for MVTec)")
+    channels: Literal[1, 3] = Field(1, description="1 grey, 3 colour (RGB)")
+    lr: float = Field(1e-5, gt=0, description="Adam learning rate of G_denoise (the trainer's --lr); paper 1e-5")
+    batch_size: int = Field(4096, ge=1, description="images per step; paper 4096 on MNIST (16 for 256 px images)")
+    epochs: int = Field(1000, ge=1, description="paper: not stated; ours 1000")
+    noise_lr: float = Field(8e-3, gt=0, description="Adam learning rate of G_noise; paper 8e-3")
+    base_channels: int = Field(16, ge=1, description="b: G_denoise widths b, 2b; G_noise widths 2b, b (paper 16)")
+    latent: int = Field(256, ge=1, description="dimension of z ~ N(0, I) fed to G_noise (paper 256)")
+    alpha_min: float = Field(0.2, ge=0, le=1, description="blend weight of the clean image: alpha ~ U[min, max]")
+    alpha_max: float = Field(0.9, ge=0, le=1, description="upper end of alpha's uniform range")
+    alpha_per_sample: bool = Field(False, description="False: one alpha per batch (paper's text); True: one per image")
+    ffl_alpha: float = Field(1.0, gt=0, description="focal frequency loss exponent of the spectral distance weight")
+    noise_literal_max_size: int = Field(
+        32, ge=MIN_SIZE, description="largest image size at which G_noise is the paper's literal figure"
+    )
+    noise_seed_size: int = Field(8, ge=1, description="above the literal size: max side of G_noise's seed map, pixels")
+
+
+@dataclass
+class NoiseDraw:
+    """The randomness of one training batch, drawn once and used by both steps."""
+
+    z: torch.Tensor  # [B, latent]
+    alpha: torch.Tensor  # [1 or B, 1, 1, 1]
+
+
+def denoiser(channels: int, base: int) -> nn.Sequential:
+    """G_denoise: valid 5x5 convs, H -> H-8 -> H; output unbounded (no activation)."""
+    return nn.Sequential(
+        nn.Conv2d(channels, base, KERNEL),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(base, 2 * base, KERNEL),
+        nn.ReLU(inplace=True),
+        nn.ConvTranspose2d(2 * base, base, KERNEL),
+        nn.ReLU(inplace=True),
+        nn.ConvTranspose2d(base, channels, KERNEL),
+    )
+
+
+def seed_plan(inner: int, max_seed: int) -> tuple[int, int]:
+    """(seed side s, upsampling steps k): the smallest k with s = ceil(inner / 2^k) <= max_seed."""
+    k = 0
+    while math.ceil(inner / 2**k) > max_seed:
+        k += 1
+    return math.ceil(inner / 2**k), k
+
+
+class NoiseGenerator(nn.Module):
+    """G_noise: z [B, latent] -> noise [B, C, H, W] in [0, 1]; see the module docstring."""
+
+    def __init__(self, c: ALCNConfig) -> None:
+        super().__init__()
+        wide = 2 * c.base_channels
+        self.wide = wide
+        self.inner = c.image_size - SHRINK
+        self.literal = c.image_size <= c.noise_literal_max_size
+        self.seed, steps = (self.inner, 0) if self.literal else seed_plan(self.inner, c.noise_seed_size)
+        self.fc = nn.Linear(c.latent, wide * self.seed * self.seed)
+        ups: list[nn.Module] = []
+        for _ in range(steps):
+            ups += [
+                nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+                nn.Conv2d(wide, wide, 3, padding=1),
+                nn.ReLU(inplace=True),
+            ]
+        self.upsample = nn.Sequential(*ups)
+        self.head = nn.Sequential(
+            nn.ConvTranspose2d(wide, c.base_channels, KERNEL),
+            nn.ReLU(inplace=True),
+            nn.ConvTranspose2d(c.base_channels, c.channels, KERNEL),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.fc(z)).view(-1, self.wide, self.seed, self.seed)
+        h = self.upsample(h)
+        if h.shape[-1] != self.inner:  # centre crop of the upsampled seed map to (H-8) x (W-8)
+            o = (h.shape[-1] - self.inner) // 2
+            h = h[..., o : o + self.inner, o : o + self.inner]
+        return self.head(h)
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Turn off requires_grad on ``module``'s parameters for the block (no gradients accumulate)."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
+class ALCN(Detector):
+    """DAE + adversarially learned continuous noise; see the module docstring."""
+
+    name = "alcn"
+    Config = ALCNConfig
+    config: ALCNConfig
+
+    def __init__(self, config: ALCNConfig) -> None:
+        super().__init__(config)
+        c = config
+        self.g_denoise = denoiser(c.channels, c.base_channels)
+        self.g_noise = NoiseGenerator(c)
+        self.ffl = FocalFrequencyLoss(loss_weight=1.0, alpha=c.ffl_alpha)
+        self.last_draw: NoiseDraw | None = None  # for inspection only (not state: redrawn every batch)
+
+    @classmethod
+    def check_config(cls, config: ModelConfig) -> None:
+        size = config.image_size
+        if size < MIN_SIZE or size > MAX_SIZE:
+            raise UserError(
+                f"model {cls.name!r} cannot take image size {size}: it needs {MIN_SIZE} to {MAX_SIZE} pixels "
+                "(28 for MNIST, 256 for MVTec-like images)"
+            )
+        if config.channels not in (1, 3):
+            raise UserError(f"model {cls.name!r} cannot take {config.channels} channels: it needs 1 or 3")
+        if isinstance(config, ALCNConfig) and config.alpha_min > config.alpha_max:
+            raise UserError(
+                f"model {cls.name!r}: alpha_min ({config.alpha_min}) must not exceed alpha_max ({config.alpha_max})"
+            )
+
+    # -- scoring --------------------------------------------------------------------------------
+
+    def error_map(self, x: torch.Tensor) -> torch.Tensor:
+        """|x - G_denoise(x)| per pixel, mean over channels, float32 [B, 1, H, W] (clean input)."""
+        return (x - self.g_denoise(x)).abs().float().mean(dim=1, keepdim=True)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        amap = self.error_map(x)
+        return amap.flatten(1).mean(dim=1), amap
+
+    @torch.no_grad()
+    def validation_loss(self, x: torch.Tensor) -> torch.Tensor:
+        return self.error_map(x).flatten(1).mean(dim=1)
+
+    # -- training -------------------------------------------------------------------------------
+
+    def make_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
+        return {
+            "denoise": torch.optim.Adam(self.g_denoise.parameters(), lr=lr),
+            "noise": torch.optim.Adam(self.g_noise.parameters(), lr=self.config.noise_lr),
+        }
+
+    def draw(self, x: torch.Tensor) -> NoiseDraw:
+        """z [B, latent] ~ N(0, I) and alpha ~ U[alpha_min, alpha_max] for one batch (torch's default RNG)."""
+        c = self.config
+        b = x.shape[0]
+        z = torch.randn(b, c.latent, device=x.device, dtype=x.dtype)
+        n_alpha = b if c.alpha_per_sample else 1
+        u = torch.rand(n_alpha, 1, 1, 1, device=x.device, dtype=x.dtype)
+        return NoiseDraw(z=z, alpha=c.alpha_min + (c.alpha_max - c.alpha_min) * u)
+
+    @staticmethod
+    def blend(x: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+        """xn = alpha x + (1 - alpha) noise."""
+        return alpha * x + (1.0 - alpha) * noise
+
+    def noise_step(self, x: torch.Tensor, d: NoiseDraw, opt: torch.optim.Optimizer) -> float:
+        """Step 1: G_noise ascends L(x, G_denoise(xn)); G_denoise frozen. Returns L."""
+        opt.zero_grad(set_to_none=True)
+        with frozen(self.g_denoise):
+            loss = self.ffl(self.g_denoise(self.blend(x, self.g_noise(d.z), d.alpha)), x)
+            (-loss).backward()
+        opt.step()
+        return float(loss.detach())
+
+    def denoise_step(self, x: torch.Tensor, d: NoiseDraw, opt: torch.optim.Optimizer) -> float:
+        """Step 2: G_denoise descends L(x, G_denoise(xn')), xn' from the current G_noise (no gradients)."""
+        opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            noise = self.g_noise(d.z)
+        loss = self.ffl(self.g_denoise(self.blend(x, noise, d.alpha)), x)
+        loss.backward()
+        opt.step()
+        return float(loss.detach())
+
+    def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
+        d = self.draw(x)
+        self.last_draw = d
+        l_noise = self.noise_step(x, d, optimizers["noise"])
+        l_denoise = self.denoise_step(x, d, optimizers["denoise"])
+        return {"noise": l_noise, "denoise": l_denoise}
+
+
+__all__ = ["ALCN", "ALCNConfig", "NoiseDraw", "NoiseGenerator"]
