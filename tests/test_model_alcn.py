@@ -357,7 +357,7 @@ def test_image_size_the_model_cannot_take(size: int) -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"channels": 2}, "cannot take 2 channels"),
+        ({"channels": 2}, "channels: Input should be 1 or 3"),
         ({"alpha_min": 0.9, "alpha_max": 0.2}, "alpha_min"),
         ({"alpha_max": 1.5}, "invalid settings for model 'alcn'"),
         ({"noise_lr": 0}, "invalid settings for model 'alcn'"),

@@ -207,8 +207,6 @@ class ALCN(Detector):
                 f"model {cls.name!r} cannot take image size {size}: it needs {MIN_SIZE} to {MAX_SIZE} pixels "
                 "(28 for MNIST, 256 for MVTec-like images)"
             )
-        if config.channels not in (1, 3):
-            raise UserError(f"model {cls.name!r} cannot take {config.channels} channels: it needs 1 or 3")
         if isinstance(config, ALCNConfig) and config.alpha_min > config.alpha_max:
             raise UserError(
                 f"model {cls.name!r}: alpha_min ({config.alpha_min}) must not exceed alpha_max ({config.alpha_max})"

@@ -320,8 +320,6 @@ class CBiGAN(Detector):
                 f"{', '.join(map(str, OBJECT_SIZES))} (the paper's 128), texture mode a multiple of {PATCH} "
                 f"(64x64 patches; the paper's 512)"
             )
-        if c.channels < 1:
-            raise UserError(f"model {cls.name!r} needs at least 1 channel, not {c.channels}")
 
     # ---- scoring -------------------------------------------------------------------------------
 
