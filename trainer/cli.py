@@ -169,6 +169,58 @@ def eval_(
     err.print(f"plots: {run / 'eval'}", highlight=False)
 
 
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="RUN folder written by train")],
+    out: Annotated[Path, typer.Option(help="bundle directory to create (or a .tar with --tar)")],
+    sign_key: Annotated[Path | None, typer.Option(help="Ed25519 private key (edge-deploy keygen)")] = None,
+    checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
+    false_alarm_rate: Annotated[
+        float, typer.Option(help="target false-alarm rate on held-out normal images (threshold quantile)")
+    ] = 0.005,
+    labelled_val: Annotated[
+        Path | None, typer.Option(help="MVTec-layout folder whose test/ is a labelled validation set: F1 threshold")
+    ] = None,
+    tar: Annotated[bool, typer.Option(help="write one .tar file instead of a directory")] = False,
+) -> None:
+    """Export a run as a detector bundle: ONNX (checked against torch), calibration, golden set, signature."""
+    from deploy.bundle import BundleError
+    from trainer.export import ExportError, export_run
+
+    def body() -> None:
+        try:
+            export_run(
+                run,
+                out,
+                sign_key=sign_key,
+                checkpoint=checkpoint,
+                false_alarm_rate=false_alarm_rate,
+                labelled_val=labelled_val,
+                tar=tar,
+            )
+        except BundleError as exc:
+            raise UserError(str(exc)) from None
+        except ExportError as exc:
+            err.print(f"[red]export failed:[/red] {exc}", highlight=False)
+            raise typer.Exit(1) from None
+
+    _run(body)
+
+
+@app.command("compile")
+def compile_(
+    bundle: Annotated[Path, typer.Argument(help="bundle directory")],
+    precision: Annotated[str, typer.Option(help="fp16 | fp32")] = "fp16",
+    max_batch: Annotated[int, typer.Option(help="largest batch the engine takes")] = 8,
+    sign_key: Annotated[Path | None, typer.Option(help="re-sign the bundle after adding the engine")] = None,
+) -> None:
+    """Build a TensorRT engine for this device from the bundle's ONNX and gate it on the golden set (exit 3 where
+    TensorRT or a GPU is missing)."""
+    from deploy.engines import compile_main
+
+    raise typer.Exit(compile_main(bundle, precision, max_batch, sign_key))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

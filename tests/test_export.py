@@ -1,0 +1,412 @@
+"""edge-trainer export: every registered model, trained a few steps on real images, becomes a bundle that
+passes onnx.checker, matches the torch model in ONNX Runtime, is calibrated on held-out normal images,
+carries golden files and verifies against the signing key. Bad input is refused in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from rich.console import Console
+
+from deploy.bundle import BundleError, verify_bundle
+from deploy.preprocess import InputSpec
+from deploy.signing import generate_keypair
+from trainer.datasets.folder import load_images, scan_folder
+from trainer.errors import UserError
+from trainer.eval_run import evaluate_run
+from trainer.export import (
+    ExportParityError,
+    ExportResult,
+    compare_outputs,
+    export_run,
+    f1_optimal_threshold,
+    quantile_threshold,
+    score_tolerance,
+)
+from trainer.models import REGISTRY
+from trainer.run_dir import load_model, read_run_config
+from trainer.train import TrainOptions, split_train_val, train
+
+TINY: dict[str, dict[str, object]] = {
+    "ae": {"base_channels": 8, "latent": 16},
+    "ganomaly": {"base_channels": 8, "latent": 16},
+    "ede": {"base_channels": 8, "latent": 16},
+    "oclr": {"base_channels": 8, "latent": 16},
+    "cbigan": {"base_channels": 2, "latent": 16, "d_z_width": 32},
+    "alcn": {"base_channels": 4, "latent": 16},
+}
+SIZE = {"alcn": 28}
+VAL_FRACTION = 0.2
+QUIET = Console(stderr=True, quiet=True)
+GOLDEN_FILES = {"model.onnx", "golden/inputs.npy", "golden/scores.npy", "golden/maps.npy"}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> Iterator[None]:
+    """Three engineers share two cores: torch runs on one thread here, restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiles(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """180 real magnetic-tile training images (every 4th), 6 normal and 3 per defect test images."""
+    src = shared_data / "magnetic_tile"
+    if not src.is_dir():
+        pytest.skip(f"{src} is absent")
+    out = tmp_path_factory.mktemp("data") / "tiles"
+    picks: dict[str, list[Path]] = {"train/good": sorted((src / "train" / "good").iterdir())[::4][:180]}
+    for d in sorted(p.name for p in (src / "test").iterdir()):
+        picks[f"test/{d}"] = sorted((src / "test" / d).iterdir())[: 6 if d == "good" else 3]
+    for rel, files in picks.items():
+        (out / rel).mkdir(parents=True)
+        for f in files:
+            shutil.copy(f, out / rel / f.name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return generate_keypair(tmp_path_factory.mktemp("keys") / "signer")
+
+
+@pytest.fixture(scope="module")
+def trained(tiles: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """trained(name) -> a RUN folder: one epoch, batch 16, on the tile images (cached per module)."""
+    runs: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in runs:
+            run = tmp_path_factory.mktemp("runs") / name
+            train(
+                TrainOptions(
+                    model=name,
+                    data=tiles,
+                    out=run,
+                    epochs=1,
+                    batch_size=16,
+                    image_size=SIZE.get(name, 32),
+                    channels=1,
+                    device="cpu",
+                    val_fraction=VAL_FRACTION,
+                    model_options=dict(TINY[name]),
+                ),
+                console=QUIET,
+            )
+            runs[name] = run
+        return runs[name]
+
+    return get
+
+
+def held_out_images(run: Path) -> np.ndarray:
+    """The run's held-out normal images as float32 [N, C, H, W] in [0, 1], computed independently of export."""
+    cfg = read_run_config(run)
+    mc = cfg.model_config_values
+    index = scan_folder(Path(cfg.data), need_test=False)
+    _, va = split_train_val(len(index.train), cfg.val_fraction, cfg.seed)
+    u8 = load_images([index.train[i] for i in va], InputSpec(mc["image_size"], mc["image_size"], mc["channels"]))
+    return u8.astype(np.float32) / np.float32(255.0)
+
+
+def ort_run(path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    score, amap = sess.run(["score", "map"], {"x": x})
+    return np.asarray(score), np.asarray(amap)
+
+
+def within(got: np.ndarray, want: np.ndarray) -> bool:
+    """The stated export tolerance: |diff| <= 1e-4 * max(1, |want|) per image."""
+    return bool((np.abs(got - want) <= 1e-4 * np.maximum(1.0, np.abs(want))).all())
+
+
+# -- every registered model ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_model_exports_a_verified_bundle(name: str, trained, keys: tuple[Path, Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run = trained(name)
+    key, pub = keys
+    out = tmp_path / "bundle"
+    result = export_run(run, out, sign_key=key, console=QUIET)
+    assert isinstance(result, ExportResult) and result.bundle == out and result.signed_by is not None
+    size = SIZE.get(name, 32)
+
+    # The bundle verifies against the signer's public key and holds exactly the listed files.
+    manifest = verify_bundle(out, [pub])
+    assert manifest == result.manifest
+    assert set(manifest.files) == GOLDEN_FILES
+    on_disk = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert on_disk == GOLDEN_FILES | {"manifest.json", "signature"}
+    assert result.bundle_bytes == sum((out / f).stat().st_size for f in on_disk)
+    assert manifest.model["name"] == name and manifest.model["version"].startswith(f"{run.name}-")
+    assert manifest.model["config"] == read_run_config(run).model_config_values
+    assert (manifest.input.height, manifest.input.width, manifest.input.channels) == (size, size, 1)
+
+    # onnx.checker passes; the interface is x [B,1,H,W] -> score [B], map [B,1,H,W] with only B dynamic.
+    proto = onnx.load(str(out / "model.onnx"))
+    onnx.checker.check_model(proto, full_check=True)
+    assert [i.name for i in proto.graph.input] == ["x"]
+    assert [o.name for o in proto.graph.output] == ["score", "map"]
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and dims[1:] == [1, size, size]
+
+    # ORT parity on the real held-out images (batch of all, not the export's batching) within tolerance.
+    x = held_out_images(run)
+    model, _ = load_model(run, "best", "cpu")
+    with torch.no_grad():
+        t_score, t_map = (t.numpy() for t in model(torch.from_numpy(x)))
+    o_score, o_map = ort_run(out / "model.onnx", x)
+    assert o_score.shape == (len(x),) and o_map.shape == (len(x), 1, size, size)
+    assert within(o_score, t_score), np.abs(o_score - t_score).max()
+    assert np.abs(o_map - t_map).max() <= 1e-4 * max(1.0, float(np.abs(t_map).max()))
+    assert result.parity.ok and result.parity.max_score_excess <= 1.0 and result.parity.n == len(x) + 4
+
+    # Calibration: on the held-out normal scores only; the threshold leaves ~0.5% (here: 1 of n) above it.
+    cal = manifest.calibration
+    assert cal.method == "quantile" and cal.target_false_alarm_rate == 0.005
+    assert cal.n_images == len(x) == read_run_config(run).n_val
+    assert cal.raw_min == pytest.approx(float(t_score.min()), rel=1e-5, abs=1e-7)
+    assert cal.raw_max == pytest.approx(float(t_score.max()), rel=1e-5, abs=1e-7)
+    assert cal.raw_min <= cal.threshold <= cal.raw_max and cal.raw_min < cal.raw_max
+    assert cal.normalise(cal.threshold) == 0.5
+    assert set(cal.quantiles) == {"0.5", "0.9", "0.99", "0.995", "0.999"}
+    assert cal.quantiles["0.5"] <= cal.quantiles["0.9"] <= cal.quantiles["0.999"] <= cal.raw_max
+    above = float((t_score > cal.threshold).mean())
+    assert above <= 0.005 + 1 / len(x)
+    assert cal.threshold == pytest.approx(float(np.quantile(t_score.astype(np.float64), 0.995)), rel=1e-5)
+
+    # Golden: 8 held-out normal + 4 anomalous test images, with the torch model's scores and maps.
+    g_x = np.load(out / "golden" / "inputs.npy")
+    g_s = np.load(out / "golden" / "scores.npy")
+    g_m = np.load(out / "golden" / "maps.npy")
+    assert g_x.dtype == g_s.dtype == g_m.dtype == np.float32
+    assert g_x.shape == (12, 1, size, size) and g_s.shape == (12,) and g_m.shape == (12, 1, size, size)
+    assert g_x.min() >= 0.0 and g_x.max() <= 1.0
+    assert manifest.golden.n == 12 and manifest.golden.labels == [0] * 8 + [1] * 4
+    span = float(t_score.max() - t_score.min())
+    assert manifest.golden.score_rtol == 1e-4
+    assert manifest.golden.score_atol == pytest.approx(1e-4 * min(1.0, span), rel=1e-4)
+    assert manifest.golden.map_atol == pytest.approx(1e-4 * max(1.0, float(np.abs(t_map).max())), rel=1e-3)
+    held_rows = {row.tobytes() for row in x}
+    assert all(g.tobytes() in held_rows for g in g_x[:8]) and not any(g.tobytes() in held_rows for g in g_x[8:])
+    with torch.no_grad():
+        s_ref, m_ref = (t.numpy() for t in model(torch.from_numpy(g_x)))
+    g = manifest.golden
+    # (torch itself differs by ~1e-6 between batch compositions, hence the golden tolerances here too)
+    assert (np.abs(s_ref - g_s) <= np.maximum(g.score_atol, g.score_rtol * np.abs(g_s))).all()
+    assert np.abs(m_ref - g_m).max() <= g.map_atol
+    s_ort, m_ort = ort_run(out / "model.onnx", g_x)
+    assert (np.abs(s_ort - g_s) <= g.score_atol + g.score_rtol * np.abs(g_s)).all()
+    assert np.abs(m_ort - g_m).max() <= g.map_atol
+
+    t = manifest.training
+    cfg = read_run_config(run)
+    assert (t["n_train"], t["n_val"], t["epochs"], t["seed"]) == (cfg.n_train, cfg.n_val, 1, cfg.seed)
+    assert len(t["data_digest"]) == 64 and t["data"] == cfg.data
+    print(f"\nEXPORT {name}: {result.seconds:.2f} s, {result.bundle_bytes:,} bytes, {result.parity.summary()}")
+
+
+# -- options ----------------------------------------------------------------------------------------
+
+
+def test_tar_bundle_verifies_and_rate_is_about_the_target(trained, keys: tuple[Path, Path], tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run = trained("ae")
+    key, pub = keys
+    result = export_run(run, tmp_path / "ae.tar", sign_key=key, false_alarm_rate=0.25, tar=True, console=QUIET)
+    assert result.bundle == tmp_path / "ae.tar" and result.bundle.is_file()
+    assert result.bundle_bytes == result.bundle.stat().st_size
+    manifest = verify_bundle(result.bundle, [pub])
+    with tarfile.open(result.bundle) as tf:
+        names = {m.name.removeprefix("./") for m in tf.getmembers() if m.isfile()}
+    assert names == GOLDEN_FILES | {"manifest.json", "signature"}
+    assert [p.name for p in tmp_path.iterdir()] == ["ae.tar"]  # no scratch left behind
+    # With a 25% target the held-out rate above the threshold is within one image of it.
+    with torch.no_grad():
+        model, _ = load_model(run)
+        scores = model(torch.from_numpy(held_out_images(run)))[0].numpy()
+    above = float((scores > manifest.calibration.threshold).mean())
+    assert abs(above - 0.25) <= 1 / len(scores), above
+
+
+def test_labelled_val_gives_the_f1_optimal_threshold(trained, tiles: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run = trained("ae")
+    result = export_run(run, tmp_path / "b", labelled_val=tiles, console=QUIET)
+    cal = result.manifest.calibration
+    assert cal.method == "f1" and cal.target_false_alarm_rate is None and "F1-optimal" in cal.source
+    assert cal.normalise(cal.threshold) == 0.5
+    # Brute force: the F1 at the chosen threshold is the best F1 over every cut of the labelled test scores.
+    index = scan_folder(tiles)
+    x = load_images(index.test, InputSpec(32, 32, 1)).astype(np.float32) / np.float32(255.0)
+    labels = np.array([s.label for s in index.test])
+    model, _ = load_model(run)
+    with torch.no_grad():
+        scores = model(torch.from_numpy(x))[0].numpy().astype(np.float64)
+
+    def f1(t: float) -> float:
+        pred = scores > t
+        tp = int((pred & (labels == 1)).sum())
+        return 2 * tp / (int(pred.sum()) + int(labels.sum()))
+
+    best = max(f1(t) for t in [*scores, scores.min() - 1])
+    assert f1(cal.threshold) == pytest.approx(best)
+    # Unsigned: verify refuses it unless a signature is not required.
+    with pytest.raises(BundleError, match="signature"):
+        verify_bundle(result.bundle, [])
+    verify_bundle(result.bundle, [], require_signature=False)
+    assert result.signed_by is None
+
+
+def test_eval_metrics_go_into_the_manifest_for_the_same_checkpoint(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run = tmp_path / "run"
+    shutil.copytree(trained("ae"), run)
+    metrics = evaluate_run(run, device="cpu", console=QUIET)
+    result = export_run(run, tmp_path / "b1", console=QUIET)
+    assert result.manifest.metrics == json.loads((run / "eval" / "metrics.json").read_text())
+    assert result.manifest.metrics is not None and result.manifest.metrics["auroc"] == metrics["auroc"]
+    # Metrics of another checkpoint are left out rather than shipped with the wrong weights.
+    result = export_run(run, tmp_path / "b2", checkpoint="last", console=QUIET)
+    assert result.manifest.metrics is None and result.manifest.training["checkpoint"] == "last"
+
+
+def test_f1_threshold_on_arrays() -> None:
+    scores = np.array([0.1, 0.2, 0.3, 0.9, 1.0, 0.35])
+    labels = np.array([0, 0, 0, 1, 1, 0])
+    t, f1 = f1_optimal_threshold(scores, labels)
+    assert 0.35 < t < 0.9 and f1 == 1.0
+    # Ties: a cut is only ever between distinct scores.
+    t, f1 = f1_optimal_threshold(np.array([0.5, 0.5, 0.5, 0.1]), np.array([1, 0, 1, 0]))
+    assert 0.1 < t < 0.5 and f1 == pytest.approx(0.8)
+    with pytest.raises(UserError, match="both normal and anomalous"):
+        f1_optimal_threshold(np.array([0.1, 0.2]), np.array([0, 0]))
+    assert quantile_threshold(np.arange(101.0), 0.01) == pytest.approx(99.0)
+    assert score_tolerance(np.array([4.2e-4, 4.7e-4])) == pytest.approx(5e-9)  # tiny scores: tiny tolerance
+    assert score_tolerance(np.array([10.0, 300.0])) == 1e-4
+
+
+# -- the parity comparison -------------------------------------------------------------------------
+
+
+def test_compare_outputs_passes_within_and_fails_beyond_tolerance() -> None:
+    rng = np.random.default_rng(0)
+    s = rng.uniform(0.0, 50.0, 10).astype(np.float32)
+    m = rng.uniform(0.0, 1.0, (10, 1, 8, 8)).astype(np.float32)
+    ok = compare_outputs(s, m, s * (1 + 5e-5), m + 5e-5)
+    assert ok.ok and ok.reason is None and ok.max_score_excess <= 1.0
+
+    bad = compare_outputs(s, m, s + np.where(np.arange(10) == 3, 0.5, 0.0), m)
+    assert not bad.ok and "scores differ" in (bad.reason or "")
+    assert bad.max_score_abs == pytest.approx(0.5, rel=1e-3)
+    err = ExportParityError(bad)
+    assert "max |score diff| 0.5" in str(err) and "\n" not in str(err) and err.parity is bad
+
+    bad_map = compare_outputs(s, m, s, m + 1e-3)
+    assert (
+        not bad_map.ok
+        and "maps differ" in (bad_map.reason or "")
+        and bad_map.max_map_abs == pytest.approx(1e-3, rel=1e-3)
+    )
+    # Small scores: the absolute 1e-4 floor applies.
+    tiny = np.full(4, 1e-3, np.float32)
+    assert compare_outputs(tiny, m[:4], tiny + 9e-5, m[:4]).ok
+    assert not compare_outputs(tiny, m[:4], tiny + 2e-4, m[:4]).ok
+
+    nan = s.copy()
+    nan[0] = np.nan
+    assert "NaN" in (compare_outputs(s, m, nan, m).reason or "")
+    assert "shape" in (compare_outputs(s, m, s[:5], m).reason or "")
+    assert "shape" in (compare_outputs(s, m, s, m[:, :, :4]).reason or "")
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+
+def _one_line(exc: pytest.ExceptionInfo[UserError]) -> str:
+    text = str(exc.value)
+    assert "\n" not in text and text
+    return text
+
+
+def test_bad_input_is_one_line_user_error(trained, keys: tuple[Path, Path], tiles: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run = trained("ae")
+    key, pub = keys
+    with pytest.raises(UserError) as e:
+        export_run(tmp_path / "nope", tmp_path / "o1", console=QUIET)
+    assert "does not exist" in _one_line(e)
+
+    with pytest.raises(UserError) as e:
+        export_run(run, tmp_path / "o2", checkpoint="middle", console=QUIET)
+    assert "best" in _one_line(e)
+
+    broken = tmp_path / "broken-run"
+    shutil.copytree(run, broken)
+    (broken / "checkpoints" / "best.pt").unlink()
+    with pytest.raises(UserError) as e:
+        export_run(broken, tmp_path / "o3", console=QUIET)
+    assert "best.pt does not exist" in _one_line(e)
+
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("x")
+    with pytest.raises(UserError) as e:
+        export_run(run, full, console=QUIET)
+    assert "not empty" in _one_line(e)
+    (tmp_path / "exists.tar").write_bytes(b"")
+    with pytest.raises(UserError) as e:
+        export_run(run, tmp_path / "exists.tar", console=QUIET)
+    assert "already exists" in _one_line(e)
+    with pytest.raises(UserError) as e:
+        export_run(run, tmp_path / "o4", tar=True, console=QUIET)
+    assert ".tar" in _one_line(e)
+    with pytest.raises(UserError) as e:
+        export_run(run, tmp_path / "o5", false_alarm_rate=1.5, console=QUIET)
+    assert "false-alarm-rate" in _one_line(e)
+
+    with pytest.raises(UserError) as e:
+        export_run(run, tmp_path / "o5", labelled_val=tmp_path / "no-such-dir", console=QUIET)
+    assert "does not exist" in _one_line(e)
+
+    garbage = tmp_path / "garbage.key"
+    garbage.write_text("not a key")
+    garbage.chmod(0o600)
+    loose = tmp_path / "loose.key"
+    shutil.copy(key, loose)
+    loose.chmod(0o644)
+    public = tmp_path / "public.key"
+    shutil.copy(pub, public)
+    public.chmod(0o600)
+    for bad_key, words in [
+        (tmp_path / "missing.key", "not found"),
+        (garbage, "not a PEM"),
+        (public, "is a public key"),
+        (loose, "chmod 600"),
+    ]:
+        with pytest.raises(UserError) as e:
+            export_run(run, tmp_path / "o6", sign_key=bad_key, console=QUIET)
+        assert words in _one_line(e) and "--sign-key" in str(e.value)
+    assert not (tmp_path / "o6").exists()
+
+    # Training data changed since the run: the held-out split cannot be reproduced.
+    moved = tmp_path / "moved-data"
+    shutil.copytree(tiles, moved)
+    shutil.copy(next((moved / "test" / "good").iterdir()), moved / "train" / "good" / "extra.jpg")
+    other = tmp_path / "other-run"
+    shutil.copytree(run, other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["data"] = str(moved)
+    (other / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError) as e:
+        export_run(other, tmp_path / "o7", console=QUIET)
+    assert "changed since training" in _one_line(e)

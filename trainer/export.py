@@ -1,0 +1,662 @@
+"""Export a trained RUN as a signed detector bundle (DESIGN.md, "Detector bundle"; ``edge-trainer export``).
+
+Steps, each of which fails loudly rather than shipping something wrong:
+
+1. Load the run's model (``best`` or ``last`` checkpoint, CPU, eval mode) and its config.
+2. Export ``forward`` as ONE ONNX graph with the legacy exporter (opset 17, input ``x`` float32
+   [B, C, H, W] in [0, 1], outputs ``score`` [B] and ``map`` [B, 1, H, W], only the batch axis
+   dynamic) and run ``onnx.checker`` (full check, with shape inference) on it.
+3. Parity: run the graph in ONNX Runtime (CPU) on REAL held-out normal images of the run's data (the
+   held-out split of train/good that training used, ``split_train_val``) plus the golden anomalous
+   images, and compare with the torch model. Tolerance, per image:
+   ``|s_ort - s_torch| <= max(score_atol, 1e-4 * |s_torch|)`` with
+   ``score_atol = 1e-4 * min(1, raw_max - raw_min)`` (the span of the held-out normal scores): never
+   looser than ``1e-4 * max(1, |s_torch|)``, and tighter for models whose scores are tiny (a
+   barely trained GANomaly's held-out scores span 5e-5; an absolute 1e-4 there would accept any
+   score, while a normalised score moves by |diff| / span). Maps:
+   ``max |map_ort - map_torch| <= 1e-4 * max(1, max |map_torch|)``. Outside it, or on a
+   NaN/inf or a wrong shape, the export fails with the figures (``ExportParityError``, exit 1).
+4. Calibration on the held-out NORMAL images only (never test anomalies): raw min/max and
+   quantiles, and a threshold that is either the ``1 - false_alarm_rate`` quantile of the held-out
+   scores (default rate 0.005; ``numpy.quantile`` with linear interpolation; an image is an alarm
+   when its raw score is ABOVE the threshold), or - with ``labelled_val`` - the F1-optimal threshold
+   on that folder's labelled ``test/*`` images. With few held-out images (the default hold-out is
+   10% of train/good) the quantile is coarse: with n images the false-alarm rate can only be
+   resolved to about 1/n, and a 0.5% target needs a few hundred images to mean what it says.
+   ``Calibration.n_images`` and ``source`` record n, and the summary prints it.
+5. Golden files: up to 8 held-out normal images (spread over the held-out set) and, when the run's
+   data have test anomalies, up to 4 anomalous test images (spread over the defect types) with
+   their torch scores and maps (eval mode, CPU, float32). They are the parity gate any backend must
+   pass before it serves; the manifest's golden tolerances are ``score_rtol = 1e-4``, ``score_atol``
+   and ``map_atol`` as above. The gate's rule ``|diff| <= atol + rtol * |s|`` is at least as loose
+   as the export check's ``max(atol, rtol * |s|)``, so the exported graph passes its own gate.
+6. ``deploy.bundle.write_bundle`` writes ``manifest.json`` (hashing every file), signs it when a
+   key is given, and the bundle is optionally packed into a reproducible ``.tar``.
+
+Bad input (a missing run or checkpoint, an existing non-empty ``out``, an unreadable key, changed
+training data, ...) raises ``trainer.errors.UserError`` (exit 2) with one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import io
+import json
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from deploy.bundle import BundleError, pack_tar, write_bundle
+from deploy.manifest import Calibration, GoldenSpec, InputSpecModel, Manifest
+from deploy.preprocess import InputSpec
+from deploy.signing import key_id, load_private_key
+from trainer.datasets.folder import FolderIndex, Sample, load_images, scan_folder
+from trainer.errors import CapabilityError, UserError
+from trainer.models import Detector
+from trainer.run_dir import RunConfig, load_model, read_run_config
+from trainer.train import split_train_val
+
+OPSET = 17
+PARITY_RTOL = 1e-4
+"""Relative score tolerance of the export parity check and of the bundle's golden gate (fp32)."""
+PARITY_ATOL = 1e-4
+"""Largest absolute score tolerance; scaled down by the held-out score span when that is below 1."""
+MAP_TOL = 1e-4
+"""Map tolerance, relative to max(1, the largest |map| value): an absolute bound per bundle."""
+N_GOLDEN_NORMAL = 8
+N_GOLDEN_ANOMALOUS = 4
+QUANTILES = (0.5, 0.9, 0.99, 0.995, 0.999)
+BATCH = 64
+
+
+class ExportError(Exception):
+    """The export itself failed (exit 1): the exporter or onnx.checker refused the model."""
+
+
+class ExportParityError(ExportError):
+    """The ONNX graph does not reproduce the torch model within tolerance (exit 1); ``parity`` holds the figures."""
+
+    def __init__(self, parity: ExportParity) -> None:
+        super().__init__(f"ONNX Runtime does not match the torch model: {parity.summary()}")
+        self.parity = parity
+
+
+@dataclass(frozen=True)
+class ExportParity:
+    """ONNX Runtime vs torch on the same images.
+
+    ``max_score_abs`` / ``max_map_abs``: largest absolute differences; ``max_score_excess``: the
+    largest ``|diff| / (atol + rtol * |expected|)`` (<= 1 passes); ``map_atol``: the map bound used.
+    """
+
+    ok: bool
+    n: int
+    max_score_abs: float
+    max_score_rel: float
+    max_score_excess: float
+    max_map_abs: float
+    score_rtol: float
+    score_atol: float
+    map_atol: float
+    reason: str | None = None
+
+    def summary(self) -> str:
+        """One line with the figures and the tolerances."""
+        head = "ok" if self.ok else f"FAILED ({self.reason})"
+        return (
+            f"{head}: {self.n} images, max |score diff| {self.max_score_abs:.3g} "
+            f"(rel {self.max_score_rel:.3g}; tolerance max({self.score_atol:.3g}, {self.score_rtol:g}*|score|)), "
+            f"max |map diff| {self.max_map_abs:.3g} (tolerance {self.map_atol:.3g})"
+        )
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What ``export_run`` produced: the bundle (directory or .tar), its manifest and the parity figures."""
+
+    bundle: Path
+    manifest: Manifest
+    parity: ExportParity
+    seconds: float
+    bundle_bytes: int
+    signed_by: str | None  # key id, or None when unsigned
+
+
+def score_tolerance(normal_scores: np.ndarray) -> float:
+    """The absolute score tolerance: ``PARITY_ATOL * min(1, span of the held-out normal scores)``, at least 1e-12."""
+    finite = np.asarray(normal_scores, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    span = float(finite.max() - finite.min()) if finite.size else 1.0
+    return max(PARITY_ATOL * min(1.0, span), 1e-12)
+
+
+def map_tolerance(maps: np.ndarray) -> float:
+    """The map bound for a set of expected maps: ``MAP_TOL * max(1, max |map|)`` (0 for no maps)."""
+    finite = maps[np.isfinite(maps)]
+    scale = float(np.abs(finite).max()) if finite.size else 0.0
+    return MAP_TOL * max(1.0, scale)
+
+
+def compare_outputs(
+    expected_scores: np.ndarray,
+    expected_maps: np.ndarray,
+    scores: np.ndarray,
+    maps: np.ndarray,
+    *,
+    score_rtol: float = PARITY_RTOL,
+    score_atol: float = PARITY_ATOL,
+    map_atol: float | None = None,
+) -> ExportParity:
+    """Compare a backend's (scores, maps) with the expected ones; see the module docstring for the rule.
+
+    Passes when every ``|s - s_exp| <= max(score_atol, score_rtol * |s_exp|)`` and
+    ``max |map - map_exp| <= map_atol`` (default ``map_tolerance(expected_maps)``); fails with a
+    reason on a shape mismatch, NaN/inf in either output, or a figure over its bound.
+    """
+    exp_s = np.asarray(expected_scores, dtype=np.float64)
+    exp_m = np.asarray(expected_maps, dtype=np.float64)
+    got_s = np.asarray(scores, dtype=np.float64)
+    got_m = np.asarray(maps, dtype=np.float64)
+    m_atol = map_tolerance(exp_m) if map_atol is None else map_atol
+    n = int(exp_s.shape[0]) if exp_s.ndim else 0
+
+    def failed(reason: str, **figures: float) -> ExportParity:
+        nan = float("nan")
+        return ExportParity(
+            ok=False,
+            n=n,
+            max_score_abs=figures.get("s", nan),
+            max_score_rel=figures.get("r", nan),
+            max_score_excess=figures.get("e", nan),
+            max_map_abs=figures.get("m", nan),
+            score_rtol=score_rtol,
+            score_atol=score_atol,
+            map_atol=m_atol,
+            reason=reason,
+        )
+
+    if got_s.shape != exp_s.shape:
+        return failed(f"score shape {got_s.shape}, expected {exp_s.shape}")
+    if got_m.shape != exp_m.shape:
+        return failed(f"map shape {got_m.shape}, expected {exp_m.shape}")
+    for name, arr in (("expected scores", exp_s), ("scores", got_s), ("expected maps", exp_m), ("maps", got_m)):
+        if not np.isfinite(arr).all():
+            return failed(f"{name} contain NaN or inf")
+    if n == 0:
+        return failed("no images to compare")
+    ds = np.abs(got_s - exp_s)
+    s_abs = float(ds.max())
+    s_rel = float((ds / np.maximum(np.abs(exp_s), 1e-30)).max())
+    excess = float((ds / np.maximum(score_atol, score_rtol * np.abs(exp_s))).max())
+    m_abs = float(np.abs(got_m - exp_m).max()) if exp_m.size else 0.0
+    reasons = []
+    if excess > 1.0:
+        reasons.append("scores differ beyond tolerance")
+    if m_abs > m_atol:
+        reasons.append("maps differ beyond tolerance")
+    return ExportParity(
+        ok=not reasons,
+        n=n,
+        max_score_abs=s_abs,
+        max_score_rel=s_rel,
+        max_score_excess=excess,
+        max_map_abs=m_abs,
+        score_rtol=score_rtol,
+        score_atol=score_atol,
+        map_atol=m_atol,
+        reason="; ".join(reasons) or None,
+    )
+
+
+def quantile_threshold(normal_scores: np.ndarray, false_alarm_rate: float) -> float:
+    """The ``1 - false_alarm_rate`` quantile (linear interpolation) of held-out normal scores.
+
+    An image is an alarm when its score is above the threshold. Coarse with few scores: n scores
+    resolve the rate only to about 1/n.
+    """
+    return float(np.quantile(np.asarray(normal_scores, dtype=np.float64), 1.0 - false_alarm_rate))
+
+
+def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    """(threshold, F1) maximising F1 with anomalies (label 1) as positives and alarms at score > threshold.
+
+    The threshold lies halfway between the lowest alarmed score and the next lower distinct score
+    (below the minimum when everything is alarmed), so it is robust to float round-off. Ties in F1
+    go to the higher threshold (fewer alarms).
+    """
+    s = np.asarray(scores, dtype=np.float64)
+    y = np.asarray(labels).astype(bool)
+    if not y.any() or y.all():
+        raise UserError("an F1-optimal threshold needs both normal and anomalous labelled images")
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    tp = np.cumsum(y_sorted)
+    k = np.arange(1, len(s) + 1)  # alarms if the cut is after position k-1
+    f1 = 2 * tp / (k + y.sum())
+    # only cut between distinct scores: position k-1 must be strictly above position k
+    cut_ok = np.append(s_sorted[:-1] > s_sorted[1:], True)
+    f1 = np.where(cut_ok, f1, -1.0)
+    best = int(np.argmax(f1))  # first maximum = fewest alarms
+    lowest_alarm = s_sorted[best]
+    if best + 1 < len(s_sorted):
+        threshold = (lowest_alarm + s_sorted[best + 1]) / 2
+    else:
+        threshold = lowest_alarm - max(1e-6, abs(lowest_alarm) * 1e-6)
+    return float(threshold), float(f1[best])
+
+
+def data_digest(root: Path, samples: Sequence[Sample]) -> str:
+    """sha256 over the sorted (path relative to ``root`` as posix, sha256 hex of the file bytes) pairs.
+
+    Each pair is fed as ``"<relative name>\\0<hex>\\n"`` (UTF-8).
+    """
+    pairs = []
+    for sample in samples:
+        pairs.append((sample.path.relative_to(root).as_posix(), hashlib.sha256(sample.path.read_bytes()).hexdigest()))
+    h = hashlib.sha256()
+    for name, hexdigest in sorted(pairs):
+        h.update(f"{name}\0{hexdigest}\n".encode())
+    return h.hexdigest()
+
+
+def _spread(n_items: int, k: int) -> list[int]:
+    """Up to ``k`` indices spread evenly over ``range(n_items)``, in order, without repeats."""
+    if n_items <= k:
+        return list(range(n_items))
+    return sorted({int(round(i)) for i in np.linspace(0, n_items - 1, k)})
+
+
+def _pick_anomalous(index: FolderIndex, k: int) -> list[Sample]:
+    """Up to ``k`` anomalous test samples: defect types in turn, each defect's picks spread over its images."""
+    by_defect: dict[str, list[Sample]] = {}
+    for s in index.test:
+        if s.label == 1:
+            by_defect.setdefault(s.defect, []).append(s)
+    queues = {d: [items[i] for i in _spread(len(items), k)] for d, items in sorted(by_defect.items())}
+    picked: list[Sample] = []
+    while len(picked) < k and any(queues.values()):
+        for queue in queues.values():
+            if queue and len(picked) < k:
+                picked.append(queue.pop(0))
+    return picked
+
+
+@torch.no_grad()
+def torch_outputs(model: Detector, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The torch model's (scores [N], maps [N, 1, H, W]) for float32 [N, C, H, W] in [0, 1], CPU, in batches."""
+    model.eval()
+    scores, maps = [], []
+    for i in range(0, len(x), BATCH):
+        s, m = model(torch.from_numpy(x[i : i + BATCH]))
+        scores.append(s.float().numpy())
+        maps.append(m.float().numpy())
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def export_onnx(model: Detector, spec: InputSpec, path: Path) -> None:
+    """Export ``model.forward`` to ``path`` (legacy exporter, opset 17, dynamic batch only) and check it."""
+    import onnx
+
+    example = torch.rand(2, spec.channels, spec.height, spec.width, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python control flow on constant shapes
+        try:
+            torch.onnx.export(
+                model,
+                (example,),
+                str(path),
+                input_names=["x"],
+                output_names=["score", "map"],
+                dynamic_axes={"x": {0: "batch"}, "score": {0: "batch"}, "map": {0: "batch"}},
+                opset_version=OPSET,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+        except Exception as exc:  # noqa: BLE001 - the exporter raises many types; report it as the work failing
+            raise ExportError(f"ONNX export of model {type(model).__name__} failed: {exc}") from exc
+    proto = onnx.load(str(path))
+    _fix_graph_io(proto, spec)
+    onnx.save(proto, str(path))
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported ONNX graph does not pass onnx.checker: {exc}") from exc
+
+
+def _fix_graph_io(proto: Any, spec: InputSpec) -> None:
+    """Check the interface x [B,C,H,W] -> score [B], map [B,1,H,W] and pin the declared output shapes.
+
+    The batch axis is named ``batch`` everywhere. The legacy exporter cannot always infer an output's
+    static size through shape arithmetic (CBiGAN's patch assembly declares ``map`` as four symbolic
+    axes); such symbolic non-batch axes are set to their known sizes, so that consumers (TensorRT,
+    the daemon) see fixed H/W. A fixed size that differs, a wrong rank or wrong names is an
+    ExportError. The ONNX Runtime parity run then checks the shapes the graph really produces.
+    """
+    c, h, w = spec.channels, spec.height, spec.width
+    want = {"x": [c, h, w], "score": [], "map": [1, h, w]}
+    names_in = [v.name for v in proto.graph.input]
+    names_out = [v.name for v in proto.graph.output]
+    if names_in != ["x"] or names_out != ["score", "map"]:
+        raise ExportError(f"the exported ONNX graph has inputs {names_in} and outputs {names_out}, not x -> score, map")
+    for v in [*proto.graph.input, *proto.graph.output]:
+        rest = want[v.name]
+        dims = v.type.tensor_type.shape.dim
+        shown = [d.dim_param or d.dim_value for d in dims]
+        expected = ["batch", *rest]
+        if len(dims) != len(expected) or v.type.tensor_type.elem_type != 1:  # 1 = FLOAT
+            raise ExportError(f"the exported ONNX graph's {v.name} is {shown}, expected float32 {expected}")
+        for d, size in zip(dims, expected, strict=True):
+            if isinstance(size, str):
+                if d.HasField("dim_value"):
+                    raise ExportError(f"the exported ONNX graph's {v.name} has a fixed batch axis: {shown}")
+                d.dim_param = size
+            elif d.HasField("dim_value") and d.dim_value != size:
+                raise ExportError(f"the exported ONNX graph's {v.name} is {shown}, expected {expected}")
+            else:
+                d.dim_value = size
+
+
+def ort_outputs(onnx_path: Path, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ONNX Runtime (CPU) outputs for ``x``, in batches of ``BATCH`` (which also exercises the dynamic batch)."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise CapabilityError(
+            "the export parity check needs onnxruntime (pip install onnxruntime, or the 'daemon' extra)"
+        ) from None
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
+    scores, maps = [], []
+    for i in range(0, len(x), BATCH):
+        s, m = sess.run(["score", "map"], {"x": x[i : i + BATCH]})
+        scores.append(np.asarray(s))
+        maps.append(np.asarray(m))
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _check_out(out: Path) -> None:
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise UserError(f"--out {out} already exists; choose a new path (a bundle is never overwritten)")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"--out {out} exists and is not empty; choose a new or empty folder")
+
+
+def _check_private_key(sign_key: Path) -> str:
+    """Load the key now (fail before the slow work); returns its key id."""
+    try:
+        private = load_private_key(sign_key)
+    except BundleError as exc:
+        raise UserError(f"--sign-key: {exc}") from None
+    return key_id(private.public_key())
+
+
+def _read_metrics(run: Path, checkpoint: str, console: Console) -> dict[str, Any] | None:
+    path = run / "eval" / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {path}: {exc}") from None
+    if not isinstance(metrics, dict):
+        raise UserError(f"{path} is not a JSON object")
+    if metrics.get("checkpoint", "best") != checkpoint:
+        console.print(
+            f"note: {path} evaluates the {metrics.get('checkpoint')!r} checkpoint, not {checkpoint!r}: "
+            "metrics left out of the manifest (run edge-trainer eval --checkpoint "
+            f"{checkpoint} to include them)",
+            highlight=False,
+        )
+        return None
+    return metrics
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+@contextlib.contextmanager
+def _scratch(near: Path) -> Iterator[Path]:
+    """A temporary folder beside ``near`` (same filesystem), removed afterwards."""
+    try:
+        near.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{near.name}.export-", dir=near.parent))
+    except OSError as exc:
+        raise UserError(f"cannot write beside --out {near}: {exc.strerror or exc}") from None
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_held_out(cfg: RunConfig, index: FolderIndex, spec: InputSpec) -> tuple[list[Sample], np.ndarray]:
+    n = len(index.train)
+    if n != cfg.n_train + cfg.n_val:
+        raise UserError(
+            f"the run's data {cfg.data} changed since training: train/good holds {n} images, the run used "
+            f"{cfg.n_train + cfg.n_val}; the held-out split cannot be reproduced"
+        )
+    _, va_idx = split_train_val(n, cfg.val_fraction, cfg.seed)
+    held = [index.train[i] for i in va_idx]
+    return held, load_images(held, spec)
+
+
+def _calibrate(
+    model: Detector,
+    held_scores: np.ndarray,
+    n_held: int,
+    val_fraction: float,
+    spec: InputSpec,
+    false_alarm_rate: float,
+    labelled: FolderIndex | None,
+    console: Console,
+) -> Calibration:
+    s = held_scores.astype(np.float64)
+    quantiles = {f"{q:g}": float(np.quantile(s, q)) for q in QUANTILES}
+    held_text = f"held-out {val_fraction:.0%} of train/good ({n_held} images, the run's validation split)"
+    if labelled is None:
+        threshold = quantile_threshold(s, false_alarm_rate)
+        return Calibration(
+            method="quantile",
+            target_false_alarm_rate=false_alarm_rate,
+            threshold=threshold,
+            raw_min=float(s.min()),
+            raw_max=float(s.max()),
+            quantiles=quantiles,
+            n_images=n_held,
+            source=held_text,
+        )
+    labels = np.array([t.label for t in labelled.test])
+    console.print(f"scoring {len(labelled.test)} labelled images of {labelled.root}/test for the F1 threshold")
+    x = load_images(labelled.test, spec).astype(np.float32) / np.float32(255.0)
+    val_scores, _ = torch_outputs(model, x)
+    threshold, f1 = f1_optimal_threshold(val_scores, labels)
+    n_anom = int(labels.sum())
+    return Calibration(
+        method="f1",
+        target_false_alarm_rate=None,
+        threshold=threshold,
+        raw_min=float(s.min()),
+        raw_max=float(s.max()),
+        quantiles=quantiles,
+        n_images=n_held,
+        source=(
+            f"threshold: F1-optimal (F1 {f1:.4f}) on {labelled.root}/test ({len(labels) - n_anom} normal, "
+            f"{n_anom} anomalous); raw range and quantiles: {held_text}"
+        ),
+    )
+
+
+def export_run(
+    run: Path,
+    out: Path,
+    *,
+    sign_key: Path | None = None,
+    checkpoint: str = "best",
+    false_alarm_rate: float = 0.005,
+    labelled_val: Path | None = None,
+    tar: bool = False,
+    console: Console | None = None,
+) -> ExportResult:
+    """Export ``run`` as a bundle at ``out``; see the module docstring.
+
+    ``out`` is the bundle folder (new, or empty); with ``tar`` (or when ``out`` ends in ``.tar``) it
+    is a new ``.tar`` file holding the folder's contents. ``sign_key`` is an Ed25519 private key
+    (``edge-deploy keygen``); without it the bundle is unsigned and ``verify`` says so.
+    Raises UserError (exit 2) for bad input, ExportError / ExportParityError (exit 1) when the model
+    cannot be exported faithfully.
+    """
+    console = console or Console(stderr=True, soft_wrap=True)
+    t0 = time.perf_counter()
+    run, out = Path(run), Path(out)
+    tar = tar or out.suffix == ".tar"
+    if tar and out.suffix != ".tar":
+        raise UserError(f"--tar writes one file: give --out a name ending in .tar, not {out}")
+    if not 0.0 < false_alarm_rate < 1.0:
+        raise UserError(f"--false-alarm-rate must be between 0 and 1 (exclusive), not {false_alarm_rate}")
+    cfg = read_run_config(run)
+    _check_out(out)
+    signer = _check_private_key(sign_key) if sign_key is not None else None
+    labelled = scan_folder(labelled_val, need_test=True) if labelled_val is not None else None
+    if labelled is not None and not any(t.label for t in labelled.test):
+        raise UserError(f"--labelled-val {labelled_val} has no anomalous images in test/<defect>/")
+    model, ckpt = load_model(run, checkpoint, "cpu")
+    mc = model.config
+    spec = InputSpec(mc.image_size, mc.image_size, mc.channels)
+    data = Path(cfg.data)
+    index = scan_folder(data, need_test=False)
+    metrics = _read_metrics(run, checkpoint, console)
+
+    # Held-out normal images (the run's validation split) and the golden anomalous ones.
+    held, held_u8 = _load_held_out(cfg, index, spec)
+    anomalous = _pick_anomalous(index, N_GOLDEN_ANOMALOUS)
+    anom_u8 = load_images(anomalous, spec) if anomalous else held_u8[:0]
+    x_all = np.concatenate([held_u8, anom_u8]).astype(np.float32) / np.float32(255.0)
+    console.print(
+        f"exporting {cfg.model} ({checkpoint} checkpoint, epoch {ckpt.get('epoch', '?')}) from {run}: "
+        f"{len(held)} held-out normal + {len(anomalous)} anomalous images at "
+        f"{spec.height}x{spec.width}x{spec.channels}",
+        highlight=False,
+    )
+    t_scores, t_maps = torch_outputs(model, x_all)
+    n_held = len(held)
+
+    with _scratch(out) as scratch:
+        onnx_path = scratch / "model.onnx"
+        export_onnx(model, spec, onnx_path)
+        o_scores, o_maps = ort_outputs(onnx_path, x_all)
+        parity = compare_outputs(t_scores, t_maps, o_scores, o_maps, score_atol=score_tolerance(t_scores[:n_held]))
+        console.print(f"ONNX Runtime vs torch: {parity.summary()}", highlight=False)
+        if not parity.ok:
+            raise ExportParityError(parity)
+
+        calibration = _calibrate(
+            model, t_scores[:n_held], n_held, cfg.val_fraction, spec, false_alarm_rate, labelled, console
+        )
+
+        g_norm = _spread(n_held, N_GOLDEN_NORMAL)
+        g_idx = g_norm + list(range(n_held, len(x_all)))
+        labels = [0] * len(g_norm) + [1] * len(anomalous)
+        created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+        manifest = Manifest(
+            model={
+                "name": cfg.model,
+                "version": f"{run.resolve().name}-{created.date().isoformat()}",
+                "config": dict(cfg.model_config_values),
+            },
+            created=created.isoformat().replace("+00:00", "Z"),
+            input=InputSpecModel(height=spec.height, width=spec.width, channels=mc.channels, colour_order="RGB"),
+            outputs={
+                "score": {"shape": ["B"], "dtype": "float32"},
+                "map": {"shape": ["B", 1, spec.height, spec.width], "dtype": "float32"},
+            },
+            calibration=calibration,
+            metrics=metrics,
+            training={
+                "data": cfg.data,
+                "data_digest": data_digest(data, index.train),
+                "n_train": cfg.n_train,
+                "n_val": cfg.n_val,
+                "epochs": cfg.epochs,
+                "seed": cfg.seed,
+                "checkpoint": checkpoint,
+                "checkpoint_epoch": int(ckpt.get("epoch", 0)),
+            },
+            golden=GoldenSpec(
+                n=len(g_idx),
+                labels=labels,
+                score_rtol=PARITY_RTOL,
+                score_atol=parity.score_atol,
+                map_atol=parity.map_atol,
+            ),
+            files={},
+        )
+        files: dict[str, Path | bytes] = {
+            "model.onnx": onnx_path,
+            "golden/inputs.npy": _npy_bytes(np.ascontiguousarray(x_all[g_idx], dtype=np.float32)),
+            "golden/scores.npy": _npy_bytes(np.ascontiguousarray(t_scores[g_idx], dtype=np.float32)),
+            "golden/maps.npy": _npy_bytes(np.ascontiguousarray(t_maps[g_idx], dtype=np.float32)),
+        }
+        bundle_dir = scratch / "bundle" if tar else out
+        try:
+            manifest = write_bundle(bundle_dir, manifest, files, sign_key)
+            if tar:
+                pack_tar(bundle_dir, out)  # atomic (temp file + rename)
+        except BundleError as exc:
+            raise UserError(str(exc)) from None
+        sizes = {name: (bundle_dir / name).stat().st_size for name in ("manifest.json", *sorted(manifest.files))}
+        if (bundle_dir / "signature").is_file():
+            sizes["signature"] = (bundle_dir / "signature").stat().st_size
+        total = out.stat().st_size if tar else _dir_bytes(out)
+
+    seconds = time.perf_counter() - t0
+    _print_summary(console, out, manifest, parity, sizes, total, signer, seconds)
+    return ExportResult(
+        bundle=out, manifest=manifest, parity=parity, seconds=seconds, bundle_bytes=total, signed_by=signer
+    )
+
+
+def _print_summary(
+    console: Console,
+    out: Path,
+    manifest: Manifest,
+    parity: ExportParity,
+    sizes: dict[str, int],
+    total: int,
+    signer: str | None,
+    seconds: float,
+) -> None:
+    cal = manifest.calibration
+    lines = [f"bundle {out} ({total:,} bytes, {seconds:.1f} s):"]
+    lines += [f"  {name:<20} {size:>12,} bytes" for name, size in sizes.items()]
+    if cal.method == "quantile":
+        how = f"{1 - (cal.target_false_alarm_rate or 0):g} quantile of {cal.n_images} held-out normal scores"
+        if cal.n_images < 200:
+            how += f" (coarse: {cal.n_images} images resolve the rate only to ~{1 / cal.n_images:.2g})"
+        lines.append(f"  threshold {cal.threshold:.6g} = {how}")
+    else:
+        lines.append(f"  threshold {cal.threshold:.6g}: {cal.source.removeprefix('threshold: ')}")
+    lines.append(f"  held-out normal scores: range [{cal.raw_min:.6g}, {cal.raw_max:.6g}], n = {cal.n_images}")
+    lines.append(f"  golden {manifest.golden.n} images (labels {manifest.golden.labels}); parity {parity.summary()}")
+    lines.append(f"  signed by key {signer}" if signer else "  UNSIGNED (pass --sign-key, or edge-deploy sign later)")
+    console.print("\n".join(lines), highlight=False)
