@@ -25,7 +25,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 # The main job, end to end on real data: MNIST (digit 3 normal) -> train the AE baseline ->
-# evaluate on the official test set; then the same on real factory images (MVTec AD bottle).
+# evaluate on the official test set; then the same on real factory images (MVTec AD bottle),
+# exported as a signed detector bundle and verified.
 demo: install
 	$(BIN)/edge-trainer datasets prepare mnist --normal-class 3 --out $(DEMO_DIR)/data/mnist-3
 	$(BIN)/edge-trainer train --model ae --data $(DEMO_DIR)/data/mnist-3 --out $(DEMO_DIR)/runs/ae-3 --epochs 3
@@ -34,6 +35,11 @@ demo: install
 	$(BIN)/edge-trainer train --model ae --data $(SHARED_DATA)/mvtec_bottle --out $(DEMO_DIR)/runs/ae-bottle \
 		--image-size 64 --batch-size 16 --epochs 30
 	$(BIN)/edge-trainer eval $(DEMO_DIR)/runs/ae-bottle --json
+	rm -rf $(DEMO_DIR)/keys $(DEMO_DIR)/bundles
+	$(BIN)/edge-deploy keygen --out $(DEMO_DIR)/keys/demo
+	$(BIN)/edge-trainer export $(DEMO_DIR)/runs/ae-bottle --out $(DEMO_DIR)/bundles/ae-bottle \
+		--sign-key $(DEMO_DIR)/keys/demo.key
+	$(BIN)/edge-deploy verify $(DEMO_DIR)/bundles/ae-bottle --trusted $(DEMO_DIR)/keys/demo.pub
 
 test: install
 	$(BIN)/python -m pytest -q
