@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import shutil
 import tarfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -51,13 +50,7 @@ QUIET = Console(stderr=True, quiet=True)
 GOLDEN_FILES = {"model.onnx", "golden/inputs.npy", "golden/scores.npy", "golden/maps.npy"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> Iterator[None]:
-    """Three engineers share two cores: torch runs on one thread here, restored afterwards."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

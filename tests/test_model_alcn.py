@@ -10,7 +10,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from rich.console import Console
 
 from deploy.preprocess import InputSpec
-from trainer.datasets import load_images, prepare, scan_folder
+from trainer.datasets import load_images, scan_folder
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
 from trainer.models import build_config
@@ -28,8 +27,10 @@ from trainer.models.alcn import ALCN, ALCNConfig, NoiseDraw
 from trainer.run_dir import load_model
 from trainer.train import TrainOptions, train
 
-EASY_DIGIT = "1"
 TINY = {"base_channels": 4, "latent": 16}  # the paper's 16/32 widths and 256-d z scaled down
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(**kw: object) -> ALCNConfig:
@@ -40,27 +41,12 @@ def tiny(**kw: object) -> ALCN:
     return ALCN(config(**{**TINY, **kw}))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="session")
-def mnist_one(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("alcn-data") / f"mnist-{EASY_DIGIT}"
-    prepare("mnist", out, normal_class=EASY_DIGIT)
-    return out
-
-
-@pytest.fixture(scope="session")
-def mnist_one_small(mnist_one: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def mnist_one_small(mnist_easy: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """1,000 real training images of digit 1 (no test split), for a short run."""
     out = tmp_path_factory.mktemp("alcn-data") / "mnist-small"
     (out / "train" / "good").mkdir(parents=True)
-    for p in sorted((mnist_one / "train" / "good").iterdir())[:1000]:
+    for p in sorted((mnist_easy / "train" / "good").iterdir())[:1000]:
         shutil.copy(p, out / "train" / "good" / p.name)
     return out
 
@@ -301,7 +287,7 @@ def test_focal_frequency_loss_package_matches_the_formula(alpha: float) -> None:
 # -- real data --------------------------------------------------------------------------------------
 
 
-def test_trains_on_real_mnist_and_separates_the_easy_digit(trained_run: Path, mnist_one: Path) -> None:
+def test_trains_on_real_mnist_and_separates_the_easy_digit(trained_run: Path, mnist_easy: Path) -> None:
     log = [json.loads(line) for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in log if r["event"] == "epoch"]
     cfg = json.loads((trained_run / "config.json").read_text())
@@ -312,15 +298,15 @@ def test_trains_on_real_mnist_and_separates_the_easy_digit(trained_run: Path, mn
         assert np.isfinite(r["val_loss"])
     assert epochs[-1]["val_loss"] < epochs[0]["val_loss"]  # the denoiser learns to reproduce normal digits
 
-    metrics = evaluate_run(trained_run, mnist_one, device="cpu", console=Console(stderr=True, quiet=True))
+    metrics = evaluate_run(trained_run, mnist_easy, device="cpu", console=Console(stderr=True, quiet=True))
     assert metrics["n_normal"] == 1135 and metrics["n_anomalous"] == 10000 - 1135
     # Measured 0.981 (untrained: 0.886, paper lr 1e-5 for these 280 steps: 0.896); threshold with margin.
     assert metrics["auroc"] >= 0.95, metrics
 
 
-def test_onnx_export_matches_eager_on_real_mnist(trained_run: Path, mnist_one: Path, tmp_path: Path) -> None:
+def test_onnx_export_matches_eager_on_real_mnist(trained_run: Path, mnist_easy: Path, tmp_path: Path) -> None:
     model, _ = load_model(trained_run, "best", "cpu")
-    index = scan_folder(mnist_one, need_test=True)
+    index = scan_folder(mnist_easy, need_test=True)
     picked = [index.test[i] for i in np.linspace(0, len(index.test) - 1, 32).astype(int)]  # normals and digits
     x = torch.from_numpy(load_images(picked, InputSpec(28, 28, 1))).float().div_(255.0)
     path = tmp_path / "alcn.onnx"

@@ -18,7 +18,6 @@ import torch
 from pydantic import ValidationError
 
 from deploy.preprocess import InputSpec
-from trainer.datasets import prepare
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
@@ -26,7 +25,6 @@ from trainer.models.blocks import to_signed
 from trainer.models.cbigan import CBiGAN, CBiGANConfig, ResBlock, gradient_penalty, interpolate_pairs
 from trainer.train import TrainOptions, train
 
-EASY_DIGIT = "1"
 # Tiny settings for CPU tests: widths 2..32, D's z path 32 wide.
 TINY = {"base_channels": 2, "latent": 16, "d_z_width": 32}
 
@@ -38,13 +36,6 @@ def _one_cpu_thread() -> Iterator[None]:
     with torch.backends.mkldnn.flags(enabled=False):
         yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def mnist_easy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / f"mnist-{EASY_DIGIT}"
-    prepare("mnist", out, normal_class=EASY_DIGIT)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +15,6 @@ import torch
 from pydantic import ValidationError
 
 from deploy.preprocess import InputSpec
-from trainer.datasets import prepare
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
@@ -25,12 +23,14 @@ from trainer.models.ede import EDE, EDEConfig
 from trainer.run_dir import load_model
 from trainer.train import TrainOptions, train
 
-EASY_DIGIT = "1"
 TINY = {"base_channels": 8, "latent": 16}  # unit tests
 TRAIN_TINY = {"base_channels": 16, "latent": 32}  # the trained run (8/16 measured 0.94 only)
 EPOCHS = 3
 TRAIN_IMAGES = 3000  # of the 6742 training images of digit 1: 3 epochs of batch 32 = 252 steps
 TRAIN_BATCH = 32
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(**overrides: object) -> EDE:
@@ -51,22 +51,6 @@ def names(model: EDE, *prefixes: str) -> set[str]:
 
 def ids(opt: torch.optim.Optimizer) -> set[int]:
     return {id(p) for g in opt.param_groups for p in g["params"]}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """The test machine's 2 cores are shared: one intra-op thread is faster than two contending."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="session")
-def mnist_easy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / f"mnist-{EASY_DIGIT}"
-    prepare("mnist", out, normal_class=EASY_DIGIT)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from deploy.preprocess import InputSpec
-from trainer.datasets import prepare
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
@@ -22,7 +21,6 @@ from trainer.models.oclr import OCLR, OCLRConfig, guard_center
 from trainer.run_dir import load_model
 from trainer.train import TrainOptions, train
 
-EASY_DIGIT = "1"
 TINY = {"base_channels": 8, "latent": 16}  # unit tests
 TRAINED = {"base_channels": 16, "latent": 32}  # the real-MNIST run (8 channels is too small to learn in 3 epochs)
 EPOCHS = 3
@@ -51,13 +49,6 @@ def same(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def names(model: OCLR, prefixes: tuple[str, ...]) -> set[str]:
     return {n for n, _ in model.named_parameters() if n.startswith(prefixes)}
-
-
-@pytest.fixture(scope="session")
-def mnist_easy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / f"mnist-{EASY_DIGIT}"
-    prepare("mnist", out, normal_class=EASY_DIGIT)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -34,15 +34,7 @@ FP32 = Tolerances(score_rtol=1e-4, score_atol=1e-6, map_atol=1e-5)
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def exported(shared_data: Path, one_thread, tmp_path_factory) -> dict:
+def exported(shared_data: Path, one_torch_thread: None, tmp_path_factory) -> dict:
     """A real exported AE + golden arrays (torch outputs on real images), written as a bundle's golden/."""
     from trainer.models import build_config, build_model
 

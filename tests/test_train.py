@@ -13,12 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from trainer.datasets import prepare
 from trainer.eval_run import evaluate_run
 from trainer.train import TrainOptions, train
 
 # Digit 1 is the easy one-class MNIST digit for reconstruction models.
-EASY_DIGIT = "1"
+EASY_DIGIT = "1"  # the normal class of the conftest fixture mnist_easy
 TINY = {"base_channels": 16, "latent": 32}
 
 
@@ -26,13 +25,6 @@ def cli(*args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[
     return subprocess.run(
         [sys.executable, "-m", "trainer", *map(str, args)], capture_output=True, text=True, timeout=timeout
     )
-
-
-@pytest.fixture(scope="session")
-def mnist_easy(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("data") / f"mnist-{EASY_DIGIT}"
-    prepare("mnist", out, normal_class=EASY_DIGIT)
-    return out
 
 
 @pytest.fixture(scope="session")
