@@ -55,8 +55,9 @@ DEFAULT_NOTES = REPO / "docs" / "benchmarks_notes"
 SCRIPT = "scripts/make_benchmarks.py"
 
 #: Protocols shown first, in this order; any other protocol follows in name order.
-PROTOCOL_ORDER: tuple[str, ...] = ("mnist-oneclass", "industrial", "elpv")
+PROTOCOL_ORDER: tuple[str, ...] = ("mnist-oneclass", "industrial", "elpv", "backend-cpu")
 PROTOCOL_TITLES: dict[str, str] = {
+    "backend-cpu": "CPU throughput of the deployment graph (ONNX Runtime vs torch eager)",
     "mnist-oneclass": "One-class MNIST",
     "industrial": "Industrial folders (MVTec layout)",
     "elpv": "ELPV solar cells",
@@ -202,26 +203,59 @@ OPTIONAL: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+# Throughput records (scripts/bench_backends.py) measure speed, not detection: their own keys.
+THROUGHPUT_PROTOCOLS = frozenset({"backend-cpu"})
+THROUGHPUT_REQUIRED: dict[str, Callable[[Any], str | None]] = {
+    "protocol": _protocol,
+    "model": _nonempty_str,
+    "normal_class": _nonempty_str,  # the deployment shape, e.g. "128px-3ch"
+    "image_size": _image_size,
+    "torch_images_per_s_b1": _nonneg_number,
+    "torch_images_per_s_b8": _nonneg_number,
+    "ort_images_per_s_b1": _nonneg_number,
+    "ort_images_per_s_b8": _nonneg_number,
+    "export_seconds": _nonneg_number,
+    "onnx_bytes": _int_at_least(0),
+    "device": _nonempty_str,
+    "commit": _nonempty_str,
+}
+THROUGHPUT_OPTIONAL: dict[str, Callable[[Any], str | None]] = {
+    "command": _nonempty_str,
+    "machine": _nonempty_str,
+    "date": _date,
+}
+
+
+def _schema(
+    rec: dict[str, Any],
+) -> tuple[dict[str, Callable[[Any], str | None]], dict[str, Callable[[Any], str | None]]]:
+    """(required, optional) key checks for this record's protocol."""
+    if rec.get("protocol") in THROUGHPUT_PROTOCOLS:
+        return THROUGHPUT_REQUIRED, THROUGHPUT_OPTIONAL
+    return REQUIRED, OPTIONAL
+
+
 def validate_record(rec: Any) -> list[str]:
     """Return the problems of one record (empty list = valid), each naming the key concerned."""
     if not isinstance(rec, dict):
         return [f"must be a JSON object, got {type(rec).__name__}"]
     problems: list[str] = []
-    for key, check in REQUIRED.items():
+    required, optional = _schema(rec)
+    for key, check in required.items():
         if key not in rec:
             problems.append(f"missing required key {key!r}")
             continue
         problem = check(rec[key])
         if problem:
             problems.append(f"key {key!r} {problem} (got {rec[key]!r})")
-    for key, check in OPTIONAL.items():
+    for key, check in optional.items():
         if rec.get(key) is not None:
             problem = check(rec[key])
             if problem:
                 problems.append(f"key {key!r} {problem} (got {rec[key]!r})")
-    unknown = sorted(set(rec) - set(REQUIRED) - set(OPTIONAL))
+    unknown = sorted(set(rec) - set(required) - set(optional))
     for key in unknown:
-        problems.append(f"unknown key {key!r} (allowed: {', '.join(sorted({**REQUIRED, **OPTIONAL}))})")
+        problems.append(f"unknown key {key!r} (allowed: {', '.join(sorted({**required, **optional}))})")
     if not problems and rec["protocol"] == "mnist-oneclass" and str(rec["normal_class"]) not in MNIST_DIGITS:
         got = rec["normal_class"]
         problems.append(f"key 'normal_class' must be a digit 0..9 for mnist-oneclass (got {got!r})")
@@ -295,7 +329,7 @@ def load_records(results_dir: Path) -> tuple[list[Record], int]:
             errors.extend(f"{shown}: record {i}: {p}" for p in problems)
             if not problems:
                 # An optional key set to null means "not recorded": drop it.
-                kept = {k: v for k, v in rec.items() if v is not None or k in REQUIRED}
+                kept = {k: v for k, v in rec.items() if v is not None or k in _schema(rec)[0]}
                 records.append((rank, Record(kept, path.name, i)))
     if errors:
         raise InputError(errors)
@@ -461,6 +495,25 @@ def _generic_table(records: Sequence[Record]) -> list[str]:
     return _table(header, rows)
 
 
+def _throughput_table(records: Sequence[Record]) -> list[str]:
+    """Rows = (model, deployment shape): images/s of torch eager and ONNX Runtime at batch 1 and 8."""
+    header = ["model", "shape", "torch b1", "ORT b1", "ORT/torch b1", "torch b8", "ORT b8", "ORT/torch b8"]
+    header += ["export s", "ONNX MB", "device"]
+    rows: list[list[str]] = []
+    for rec in sorted(records, key=lambda r: (r.data["model"], r.data["image_size"], r.normal_class)):
+        d = rec.data
+        row = [d["model"], rec.normal_class]
+        for b in (1, 8):
+            torch_ips, ort_ips = d[f"torch_images_per_s_b{b}"], d[f"ort_images_per_s_b{b}"]
+            row += [f"{torch_ips:.1f}", f"{ort_ips:.1f}", f"{ort_ips / torch_ips:.2f}x" if torch_ips else DASH]
+        row += [f"{d['export_seconds']:.2f}", f"{d['onnx_bytes'] / 1e6:.1f}", d["device"]]
+        rows.append(row)
+    return _table(header, rows) + [
+        "",
+        "Cells: images/s, best of 3 windows of at least 1 s; the same random inputs for both backends in the same run.",
+    ]
+
+
 def _provenance(records: Sequence[Record]) -> list[str]:
     """How to reproduce a section: distinct commands, machines, devices, commits, source files."""
     lines: list[str] = []
@@ -537,6 +590,8 @@ def render(records: Sequence[Record], notes_dir: Path, command: str, results_sho
             out += _mnist_table(mine)
         elif protocol == "industrial":
             out += _industrial_table(mine)
+        elif protocol in THROUGHPUT_PROTOCOLS:
+            out += _throughput_table(mine)
         else:
             out += _generic_table(mine)
         out += [""] + _provenance(mine)

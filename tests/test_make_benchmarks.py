@@ -239,3 +239,40 @@ def test_empty_results_folder(tmp_path: Path) -> None:
     proc = _run(tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "No results recorded yet." in (tmp_path / "bench.md").read_text()
+
+
+def _throughput(model: str, shape: str, torch_b1: float, ort_b1: float, **extra: Any) -> dict[str, Any]:
+    return {
+        "protocol": "backend-cpu",
+        "model": model,
+        "normal_class": shape,
+        "image_size": int(shape.split("px")[0]),
+        "torch_images_per_s_b1": torch_b1,
+        "torch_images_per_s_b8": 2 * torch_b1,
+        "ort_images_per_s_b1": ort_b1,
+        "ort_images_per_s_b8": 2 * ort_b1,
+        "export_seconds": 0.5,
+        "onnx_bytes": 2_000_000,
+        "device": "cpu (1 thread)",
+        "commit": "abc1234",
+        **extra,
+    }
+
+
+def test_throughput_records_have_their_own_table_and_schema(tmp_path: Path, results: Path) -> None:
+    (results / "backend.json").write_text(
+        json.dumps([_throughput("ae", "32px-1ch", 200.0, 800.0), _throughput("ae", "128px-3ch", 10.0, 30.0)])
+    )
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "bench.md").read_text()
+    assert "## backend-cpu" in text
+    assert _row(text, "ae", "32px-1ch")[2:5] == ["200.0", "800.0", "4.00x"]
+    assert _row(text, "ae", "128px-3ch")[5:8] == ["20.0", "60.0", "3.00x"]
+    # A detection key on a throughput record is refused, and a missing figure is named.
+    bad = _throughput("ae", "64px-3ch", 1.0, 2.0, auroc=0.9)
+    del bad["ort_images_per_s_b8"]
+    (results / "backend.json").write_text(json.dumps([bad]))
+    proc = _run(tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "'ort_images_per_s_b8'" in proc.stderr and "'auroc'" in proc.stderr
