@@ -39,6 +39,7 @@ from deploy.manifest import (
     FileEntry,
     Manifest,
     canonical_bytes,
+    file_digest,
     parse_manifest,
     version_tuple,
 )
@@ -99,16 +100,6 @@ def _check_relpath(name: str, what: str) -> str:
     if any(p in ("", ".") for p in parts):
         raise BundleError(f"{what} {name!r}: not a normalised relative path")
     return name
-
-
-def _sha256_file(path: Path) -> tuple[str, int]:
-    h = hashlib.sha256()
-    size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-            size += len(chunk)
-    return h.hexdigest(), size
 
 
 def _scan_dir(root: Path) -> dict[str, Path]:
@@ -220,7 +211,7 @@ def _verify_dir(
         size = present[name].stat().st_size
         if size != entry.size:
             raise BundleError(f"file {name} was changed: {size} bytes, the manifest says {entry.size}")
-        digest, _ = _sha256_file(present[name])
+        digest, _ = file_digest(present[name])
         if digest != entry.sha256:
             raise BundleError(f"file {name} was changed: its sha256 does not match the manifest")
     return VerifiedBundle(manifest, signer, hashlib.sha256(manifest_bytes).hexdigest())
@@ -401,7 +392,7 @@ def refresh_files(
             if not is_changeable(name):
                 raise BundleError(f"file {name} listed in the manifest is missing")
             continue
-        digest, size = _sha256_file(present[name])
+        digest, size = file_digest(present[name])
         if not is_changeable(name):
             if name not in old.files:
                 raise BundleError(f"unexpected file {name}: not listed in the manifest")

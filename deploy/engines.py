@@ -33,7 +33,6 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import hashlib
 import json
 import os
 import re
@@ -47,7 +46,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
-from deploy.manifest import BundleError, FileEntry, Manifest, canonical_bytes
+from deploy.manifest import BundleError, FileEntry, Manifest, canonical_bytes, sha256_file
 from deploy.parity import ParityReport, check_parity, load_golden
 
 try:
@@ -427,14 +426,6 @@ def find_engine(bundle_dir: Path, cache_dir: Path | None, key: str) -> Path | No
 
 
 # -------------------------------------------------------------------------------------------- build
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _dims(dims: Any) -> list[int]:

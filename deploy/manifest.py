@@ -12,8 +12,10 @@ are the same class.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
@@ -21,6 +23,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 if TYPE_CHECKING:
     from deploy.preprocess import InputSpec
+
+
+def file_digest(path: Path) -> tuple[str, int]:
+    """(hex sha256, size in bytes) of the file at ``path``, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+            size += len(block)
+    return h.hexdigest(), size
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of the file at ``path``."""
+    return file_digest(path)[0]
+
 
 SCHEMA_VERSION = 1
 SUPPORTED_SCHEMA_VERSIONS = frozenset({1})

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.manifest import sha256_file
 from trainer.datasets.folder import IMAGE_SUFFIXES, MANIFEST_NAME, FolderReport
 from trainer.errors import UserError
 
@@ -36,15 +37,6 @@ def default_cache_dir() -> Path:
     """Where downloads and extracted source files live: ``$EDGE_INSPECT_CACHE``, else ``~/.cache/edge-inspect``."""
     env = os.environ.get("EDGE_INSPECT_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "edge-inspect"
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of the file at ``path``."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 @dataclass
