@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from rich.console import Console
@@ -22,6 +21,7 @@ from deploy.preprocess import InputSpec
 from trainer.datasets import load_images, scan_folder
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
+from trainer.export import export_onnx, ort_outputs
 from trainer.models import build_config
 from trainer.models.alcn import ALCN, ALCNConfig, NoiseDraw
 from trainer.run_dir import load_model
@@ -310,20 +310,10 @@ def test_onnx_export_matches_eager_on_real_mnist(trained_run: Path, mnist_easy: 
     picked = [index.test[i] for i in np.linspace(0, len(index.test) - 1, 32).astype(int)]  # normals and digits
     x = torch.from_numpy(load_images(picked, InputSpec(28, 28, 1))).float().div_(255.0)
     path = tmp_path / "alcn.onnx"
-    torch.onnx.export(
-        model,
-        (x[:2],),
-        str(path),
-        input_names=["x"],
-        output_names=["score", "map"],
-        dynamic_axes={"x": {0: "b"}, "score": {0: "b"}, "map": {0: "b"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    export_onnx(model, InputSpec(x.shape[2], x.shape[3], x.shape[1]), path)  # what bundles ship
     with torch.no_grad():
         score, amap = model(x)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    o_score, o_map = sess.run(["score", "map"], {"x": x.numpy()})
+    o_score, o_map = ort_outputs(path, x.numpy())
     assert o_score.shape == (32,) and o_map.shape == (32, 1, 28, 28)
     # Tolerance: 1e-4 of the score scale (max eager score), and the same for the map.
     scale = float(score.abs().max())

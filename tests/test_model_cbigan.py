@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from pydantic import ValidationError
@@ -21,6 +20,7 @@ from deploy.preprocess import InputSpec
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
+from trainer.export import export_onnx, ort_outputs
 from trainer.models.blocks import to_signed
 from trainer.models.cbigan import CBiGAN, CBiGANConfig, ResBlock, gradient_penalty, interpolate_pairs
 from trainer.train import TrainOptions, train
@@ -128,18 +128,8 @@ def test_texture_mode_scores_the_max_of_64_patches_and_exports(tmp_path: Path) -
     torch.testing.assert_close(amap, maps, rtol=1e-5, atol=1e-6)
 
     f = tmp_path / "cbigan_texture.onnx"
-    torch.onnx.export(
-        model,
-        (x[:1],),
-        str(f),
-        input_names=["x"],
-        output_names=["score", "map"],
-        dynamic_axes={"x": {0: "b"}, "score": {0: "b"}, "map": {0: "b"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
-    s_onnx, m_onnx = sess.run(None, {"x": x.numpy()})
+    export_onnx(model, InputSpec(x.shape[2], x.shape[3], x.shape[1]), f)  # what bundles ship
+    s_onnx, m_onnx = ort_outputs(f, x.numpy())
     # Tolerance: 1e-5 of the score scale, 1e-4 on the [0, 1] map (scores are L1 sums over 64x64x3 values, about 1e4).
     assert np.abs(s_onnx - score.numpy()).max() <= 1e-5 * float(score.abs().max())
     assert np.abs(m_onnx - amap.numpy()).max() <= 1e-4  # map in [0, 1] pixel units
@@ -252,18 +242,8 @@ def test_onnx_export_matches_eager_on_real_mnist(mnist_easy: Path, mnist_train_x
     with torch.no_grad():
         score, amap = model(x)
     f = tmp_path / "cbigan.onnx"
-    torch.onnx.export(
-        model,
-        (x[:2],),
-        str(f),
-        input_names=["x"],
-        output_names=["score", "map"],
-        dynamic_axes={"x": {0: "b"}, "score": {0: "b"}, "map": {0: "b"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
-    s_onnx, m_onnx = sess.run(None, {"x": x.numpy()})
+    export_onnx(model, InputSpec(x.shape[2], x.shape[3], x.shape[1]), f)  # what bundles ship
+    s_onnx, m_onnx = ort_outputs(f, x.numpy())
     # Tolerance: 1e-5 of the score scale, 1e-4 on the [0, 1] map (L1 sums over 32x32 pixels, about 1e2-1e3).
     assert np.abs(s_onnx - score.numpy()).max() <= 1e-5 * float(score.abs().max())
     assert np.abs(m_onnx - amap.numpy()).max() <= 1e-4  # map in [0, 1] pixel units

@@ -9,7 +9,6 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import pytest
 import torch
 from pydantic import ValidationError
@@ -18,6 +17,7 @@ from deploy.preprocess import InputSpec
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
+from trainer.export import export_onnx, ort_outputs
 from trainer.models import build_config
 from trainer.models.ede import EDE, EDEConfig
 from trainer.run_dir import load_model
@@ -306,18 +306,8 @@ def test_onnx_export_matches_eager_on_real_images(trained_run: Path, mnist_easy:
     with torch.no_grad():
         score, amap = model(x)
     f = tmp_path / "ede.onnx"
-    torch.onnx.export(
-        model,
-        (x[:2],),
-        str(f),
-        input_names=["x"],
-        output_names=["score", "map"],
-        dynamic_axes={"x": {0: "b"}, "score": {0: "b"}, "map": {0: "b"}},
-        opset_version=17,
-        dynamo=False,
-    )
-    sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
-    o_score, o_map = sess.run(None, {"x": x.numpy()})
+    export_onnx(model, InputSpec(x.shape[2], x.shape[3], x.shape[1]), f)  # what bundles ship
+    o_score, o_map = ort_outputs(f, x.numpy())
     assert o_score.shape == (len(x),) and o_map.shape == (len(x), 1, 32, 32)
     # Tolerance: 1e-4 of the score scale (the largest score in the batch); maps likewise per pixel.
     assert np.abs(o_score - score.numpy()).max() <= 1e-4 * float(score.abs().max())
