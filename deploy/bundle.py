@@ -86,17 +86,26 @@ class VerifiedBundle:
 # --------------------------------------------------------------------------------------------- names
 
 
+def _unsafe_name(name: str) -> str | None:
+    """Why a path name may not be written inside a bundle (control characters, backslashes, absolute,
+    '..'), or None. Shared by manifest entries and tar members."""
+    if "\0" in name or "\\" in name or any(ord(c) < 32 for c in name):
+        return "control characters or backslashes in the name"
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
+        return "absolute path"
+    if ".." in name.split("/"):
+        return "'..' in the path"
+    return None
+
+
 def _check_relpath(name: str, what: str) -> str:
     """A bundle-relative posix path: no absolute path, no '..', '.', empty parts, backslashes or NULs."""
     if not isinstance(name, str) or not name:
         raise BundleError(f"{what}: empty file name")
-    if "\0" in name or "\\" in name or any(ord(c) < 32 for c in name):
-        raise BundleError(f"{what} {name!r}: control characters or backslashes in the name")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise BundleError(f"{what} {name!r}: absolute path")
+    problem = _unsafe_name(name)
+    if problem:
+        raise BundleError(f"{what} {name!r}: {problem}")
     parts = name.split("/")
-    if ".." in parts:
-        raise BundleError(f"{what} {name!r}: '..' component")
     if any(p in ("", ".") for p in parts):
         raise BundleError(f"{what} {name!r}: not a normalised relative path")
     return name
@@ -483,14 +492,10 @@ def _member_kind(m: tarfile.TarInfo) -> str | None:
 
 def _member_name(name: str) -> str | None:
     """Tar member name -> bundle-relative path ('./' prefixes and trailing '/' dropped); None for the root."""
-    if "\0" in name or "\\" in name or any(ord(c) < 32 for c in name):
-        raise BundleError(f"tar member {name!r} refused: control characters or backslashes in the name")
-    if name.startswith("/") or re.match(r"^[A-Za-z]:", name):
-        raise BundleError(f"tar member {name!r} refused: absolute path")
-    parts = name.split("/")
-    if ".." in parts:
-        raise BundleError(f"tar member {name!r} refused: '..' in the path")
-    kept = [p for p in parts if p not in ("", ".")]
+    problem = _unsafe_name(name)
+    if problem:
+        raise BundleError(f"tar member {name!r} refused: {problem}")
+    kept = [p for p in name.split("/") if p not in ("", ".")]
     return "/".join(kept) if kept else None
 
 
