@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -309,11 +309,12 @@ def check_parity(
 
 def onnxruntime_runner(
     onnx_path: Path,
-    providers: Sequence[str] = ("CPUExecutionProvider",),
+    providers: Sequence[str | tuple[str, dict[str, Any]]] = ("CPUExecutionProvider",),
     intra_op_threads: int = 1,
 ) -> Runner:
     """An ONNX Runtime backend for ``onnx_path``: ``run(x float32 [B,C,H,W]) -> (score [B], map [B,1,H,W])``.
 
+    ``providers`` are ONNX Runtime's: names, or (name, options) pairs, in order of preference.
     Spinning is off (``session.intra_op.allow_spinning = 0``, DESIGN.md): an idle daemon must not
     burn a core. Raises ValueError when the graph lacks input ``x`` or outputs ``score``/``map``.
     """

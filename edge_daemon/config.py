@@ -1,0 +1,321 @@
+"""The daemon's configuration: a YAML file (DESIGN.md, "Daemon configuration") with EDGE_* environment overrides.
+
+``load_config(path)`` returns a validated ``DaemonConfig`` or raises ``ConfigError`` whose ``problems`` list
+holds one line per problem, each naming the key and, where the YAML has it, the line number. Environment
+variables override the file key by key: ``EDGE_MQTT__HOST=broker.plant`` sets ``mqtt.host``; a list such as
+``cameras`` is replaced whole by a JSON value (``EDGE_CAMERAS='[{"id": "cam0", "source": 0}]'``).
+Secrets never live in the file: the MQTT password comes from ``mqtt.password_file`` or ``EDGE_MQTT__PASSWORD``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CAMERA_ID = r"^[A-Za-z0-9_-]{1,64}$"
+DEVICE_ID = r"^[A-Za-z0-9_-]{1,64}$"
+TOPIC_PREFIX = r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$"
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
+class ConfigError(Exception):
+    """A config that cannot be used; ``problems`` holds one human-readable line per problem."""
+
+    def __init__(self, path: Path | None, problems: list[str]) -> None:
+        self.path = path
+        self.problems = problems
+        where = f"{path}: " if path else ""
+        super().__init__(where + "; ".join(problems))
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsConfig(_Section):
+    ca: Path = Field(description="CA certificate (PEM) that signed the broker's certificate")
+    cert: Path | None = Field(default=None, description="client certificate (PEM), for brokers that require one")
+    key: Path | None = Field(default=None, description="the client certificate's private key (PEM)")
+    insecure: bool = Field(default=False, description="skip the broker host name check (testing only)")
+
+    @model_validator(mode="after")
+    def _cert_and_key(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("tls.cert and tls.key go together: give both or neither")
+        return self
+
+
+class MqttConfig(_Section):
+    host: str = Field(default="127.0.0.1", min_length=1)
+    port: int = Field(default=1883, ge=1, le=65535)
+    topic_prefix: str = Field(default="inspect", pattern=TOPIC_PREFIX)
+    client_id: str | None = Field(default=None, max_length=128, description="default: edge-<device_id>")
+    keepalive: int = Field(default=30, ge=5, le=3600, description="seconds")
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    tls: TlsConfig | None = None
+    username: str | None = None
+    password_file: Path | None = Field(default=None, description="a file holding the password (first line)")
+    password: SecretStr | None = Field(default=None, description="set through EDGE_MQTT__PASSWORD, never the file")
+
+
+class CameraConfig(_Section):
+    id: str = Field(pattern=CAMERA_ID, description="goes into MQTT topics: letters, digits, _ and - only")
+    source: int | str = Field(description="index, /dev/videoN, rtsp://, http(s)://, gst:<pipeline> or a file path")
+    loop: bool = Field(default=False, description="files only: start again at the end")
+    realtime: bool = Field(default=False, description="files only: play at the file's frame rate")
+    fps_cap: float | None = Field(default=None, gt=0, le=1000, description="score at most this many frames/s")
+    expected_fps: float | None = Field(default=None, gt=0, le=1000, description="below half of it: degraded")
+    roi: tuple[int, int, int, int] | None = Field(default=None, description="x, y, w, h in frame pixels")
+    threshold: float | None = Field(default=None, gt=0, lt=1, description="override, normalised units")
+
+    @field_validator("roi")
+    @classmethod
+    def _roi(cls, v: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if v is not None and (v[0] < 0 or v[1] < 0 or v[2] < 1 or v[3] < 1):
+            raise ValueError("roi is x, y, w, h with x, y >= 0 and w, h >= 1")
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: int | str) -> int | str:
+        from edge_daemon.capture.sources import parse_source
+
+        parse_source(v)  # ValueError with the reason
+        return v
+
+
+class EventsConfig(_Section):
+    open_frames: int = Field(default=2, ge=1, le=1000)
+    close_frames: int = Field(default=3, ge=1, le=1000)
+    max_seconds: float = Field(default=60.0, gt=0)
+    min_gap_s: float = Field(default=0.0, ge=0)
+    update_interval_s: float = Field(default=1.0, gt=0)
+
+
+class CropConfig(_Section):
+    padding: float = Field(default=0.15, ge=0, le=2)
+    max_side: int = Field(default=512, ge=16, le=8192)
+    jpeg_quality: int = Field(default=90, ge=1, le=100)
+
+
+class SpoolConfig(_Section):
+    path: Path = Path("/var/lib/edge-inspect/spool.db")
+    max_mb: float = Field(default=512, gt=0)
+    synchronous: Literal["FULL", "NORMAL"] = Field(
+        default="FULL", description="FULL survives power loss (one fsync per message); NORMAL only a crash"
+    )
+
+
+class HttpConfig(_Section):
+    bind: str | None = Field(
+        default="127.0.0.1:9108", description="host:port for /healthz and /metrics (port 0: any free one); null = off"
+    )
+
+    @field_validator("bind")
+    @classmethod
+    def _bind(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            raise ValueError(f"bind must be host:port, got {v!r}")
+        return v
+
+
+class DaemonConfig(BaseSettings):
+    """Everything the daemon reads at start (and again on SIGHUP). Units: seconds, pixels, megabytes."""
+
+    model_config = SettingsConfigDict(env_prefix="EDGE_", env_nested_delimiter="__", extra="forbid")
+
+    device_id: str = Field(pattern=DEVICE_ID)
+    bundle: Path = Field(description="bundle directory or .tar")
+    trusted_keys: list[Path] = Field(default_factory=list, description="Ed25519 public keys; empty: refuse all")
+    allow_unsigned: bool = Field(default=False, description="testing only: run a bundle without a signature")
+    state_dir: Path = Field(default=Path("/var/lib/edge-inspect"), description="engine cache, unpacked bundles")
+    backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
+    tensorrt_precision: Literal["fp16", "fp32"] = Field(default="fp16", description="engines built on the device")
+    engine_build_timeout_s: float = Field(default=3600, gt=0, description="give up a TensorRT build after this")
+    max_batch: int = Field(default=8, ge=1, le=64, description="frames of several cameras scored in one call")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    cameras: list[CameraConfig] = Field(min_length=1)
+    events: EventsConfig = Field(default_factory=EventsConfig)
+    crop: CropConfig = Field(default_factory=CropConfig)
+    spool: SpoolConfig = Field(default_factory=SpoolConfig)
+    stats_interval_s: float = Field(default=10.0, ge=1)
+    http: HttpConfig = Field(default_factory=HttpConfig)
+    drain_timeout_s: float = Field(default=10.0, ge=0, le=300, description="SIGTERM: at most this long to flush")
+
+    @field_validator("cameras")
+    @classmethod
+    def _unique_ids(cls, v: list[CameraConfig]) -> list[CameraConfig]:
+        seen: set[str] = set()
+        for cam in v:
+            if cam.id in seen:
+                raise ValueError(f"camera id {cam.id!r} is used twice")
+            seen.add(cam.id)
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file comes in as init kwargs; the environment overrides it, key by key.
+        return (env_settings, init_settings)
+
+    def mqtt_password(self) -> str | None:
+        """The password from EDGE_MQTT__PASSWORD, else the first line of mqtt.password_file, else None."""
+        if self.mqtt.password is not None:
+            return self.mqtt.password.get_secret_value()
+        if self.mqtt.password_file is not None:
+            lines = self.mqtt.password_file.read_text(encoding="utf-8").splitlines()
+            if not lines or not lines[0]:
+                raise ValueError(f"{self.mqtt.password_file} is empty")
+            return lines[0]
+        return None
+
+    def digest(self) -> str:
+        """sha256 (first 16 hex digits) of the effective config, secrets left out: goes into P/info."""
+        data = self.model_dump(mode="json", exclude={"mqtt": {"password"}})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+    def camera(self, camera_id: str) -> CameraConfig:
+        for cam in self.cameras:
+            if cam.id == camera_id:
+                return cam
+        raise KeyError(camera_id)
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path (('cameras', '0', 'source'), ...) to its 1-based line in the YAML text."""
+    import yaml
+
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                sub = (*path, str(key.value))
+                lines[sub] = key.start_mark.line + 1
+                walk(value, sub)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, str(i)))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, ())
+    return lines
+
+
+def _describe(errors: list[Any], lines: dict[tuple[str, ...], int], source: str) -> list[str]:
+    out = []
+    for err in errors:
+        loc = tuple(str(p) for p in err["loc"])
+        line = None
+        for n in range(len(loc), -1, -1):
+            if loc[:n] in lines and n > 0:
+                line = lines[loc[:n]]
+                break
+        key = ".".join(loc) or "<top level>"
+        where = f"line {line}: " if line else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (a typo?)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        out.append(f"{source}{where}{key}: {msg}")
+    return out
+
+
+def parse_config(text: str, path: Path | None = None) -> DaemonConfig:
+    """YAML text -> DaemonConfig (environment overrides applied). ConfigError with one line per problem."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(path, [f"{where}not valid YAML: {problem}"]) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            path, [f"the file must hold a mapping of keys (device_id, bundle, cameras, ...), got {type(data).__name__}"]
+        )
+    try:
+        config = DaemonConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(path, _describe(exc.errors(), _yaml_lines(text), "")) from None
+    problems = []
+    if config.mqtt.password_file is not None and config.mqtt.password is None:
+        try:
+            config.mqtt_password()
+        except (OSError, ValueError) as exc:
+            problems.append(f"mqtt.password_file: cannot read a password from {config.mqtt.password_file}: {exc}")
+    if problems:
+        raise ConfigError(path, problems)
+    return config
+
+
+def load_config(path: Path) -> DaemonConfig:
+    """Read and validate the YAML config at ``path``; relative paths in it are relative to the file's folder."""
+    path = Path(path)
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(path, [f"the file is larger than {MAX_CONFIG_BYTES} bytes: not a config"])
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, ["no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(path, [f"cannot read it: {exc}"]) from None
+    config = parse_config(text, path)
+    return _resolve_paths(config, path.parent)
+
+
+def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
+    def fix(p: Path) -> Path:
+        return p if p.is_absolute() else (base / p)
+
+    config.bundle = fix(config.bundle)
+    config.trusted_keys = [fix(k) for k in config.trusted_keys]
+    config.state_dir = fix(config.state_dir)
+    config.spool.path = fix(config.spool.path)
+    from edge_daemon.capture.sources import parse_source
+
+    for cam in config.cameras:
+        if parse_source(cam.source).kind == "file":
+            cam.source = str(fix(Path(str(cam.source))))
+    if config.mqtt.password_file is not None:
+        config.mqtt.password_file = fix(config.mqtt.password_file)
+    if config.mqtt.tls is not None:
+        config.mqtt.tls.ca = fix(config.mqtt.tls.ca)
+        if config.mqtt.tls.cert is not None:
+            config.mqtt.tls.cert = fix(config.mqtt.tls.cert)
+        if config.mqtt.tls.key is not None:
+            config.mqtt.tls.key = fix(config.mqtt.tls.key)
+    return config
+
+
+def env_overrides() -> list[str]:
+    """The EDGE_* variables in this environment (names only, values may be secrets): shown by check-config."""
+    return sorted(k for k in os.environ if k.startswith("EDGE_") and k != "EDGE_INSPECT_CACHE")

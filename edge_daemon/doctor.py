@@ -1,0 +1,176 @@
+"""``edge-daemon doctor``: what this device has, and whether the configured broker and bundle work.
+
+Each check gives one line: ``ok``, ``warn`` (works, but worth knowing) or ``FAIL`` (the daemon will not run as
+configured). ``runtime_facts`` is the same inventory as data, for the retained P/info message.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from edge_daemon import __version__
+
+TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+
+
+@dataclass(frozen=True)
+class Check:
+    level: str  # ok | warn | FAIL
+    what: str
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.level:<4}  {self.what:<12} {self.detail}"
+
+
+def _opencv() -> tuple[dict[str, Any], list[Check]]:
+    try:
+        import cv2
+    except ImportError as exc:
+        return {"opencv": None}, [
+            Check("FAIL", "opencv", f"cv2 cannot be imported ({exc}); install JetPack's OpenCV or the 'opencv' extra")
+        ]
+    info = cv2.getBuildInformation()
+
+    def has(name: str) -> bool:
+        m = re.search(rf"^\s*{name}:\s*(\S+)", info, re.MULTILINE)
+        return bool(m and m.group(1).upper().startswith("YES"))
+
+    gst, ffmpeg, v4l = has("GStreamer"), has("FFMPEG"), has("v4l/v4l2")
+    facts = {
+        "opencv": cv2.__version__,
+        "opencv_path": str(Path(cv2.__file__).parent),
+        "gstreamer": gst,
+        "ffmpeg": ffmpeg,
+        "v4l2": v4l,
+    }
+    checks = [Check("ok", "opencv", f"{cv2.__version__} from {Path(cv2.__file__).parent}")]
+    checks.append(
+        Check(
+            "ok" if ffmpeg else "warn",
+            "ffmpeg",
+            "yes (files, RTSP, HTTP MJPEG)" if ffmpeg else "no: files, rtsp:// and http:// sources will not open",
+        )
+    )
+    checks.append(
+        Check(
+            "ok" if gst else "warn",
+            "gstreamer",
+            "yes (gst: sources, hardware decoders)"
+            if gst
+            else "no: gst: sources will not open"
+            + ("; this looks like a pip OpenCV wheel shadowing JetPack's" if TEGRA_RELEASE.exists() else ""),
+        )
+    )
+    checks.append(
+        Check("ok" if v4l else "warn", "v4l2", "yes (/dev/videoN)" if v4l else "no: /dev/videoN will not open")
+    )
+    return facts, checks
+
+
+def _onnxruntime() -> tuple[dict[str, Any], list[Check]]:
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        return {"onnxruntime": None}, [Check("FAIL", "onnxruntime", f"not importable ({exc})")]
+    providers = list(ort.get_available_providers())
+    return {"onnxruntime": ort.__version__, "providers": providers}, [
+        Check("ok", "onnxruntime", f"{ort.__version__}, providers {', '.join(providers)}")
+    ]
+
+
+def _tensorrt() -> tuple[dict[str, Any], list[Check]]:
+    from deploy.engines import probe_device
+
+    dev = probe_device()
+    facts = {
+        "tensorrt": dev.tensorrt_version,
+        "gpu": dev.gpu_name,
+        "compute_capability": dev.compute_capability,
+        "cuda": dev.cuda_version,
+        "l4t": dev.l4t_release,
+    }
+    missing = dev.missing()
+    if missing:
+        return facts, [
+            Check("warn", "tensorrt", "not usable (missing " + " and ".join(missing) + "): ONNX Runtime serves")
+        ]
+    return facts, [
+        Check(
+            "ok",
+            "tensorrt",
+            f"{dev.tensorrt_version} on {dev.gpu_name} (sm {dev.compute_capability}, "
+            f"CUDA {dev.cuda_version}{', L4T ' + dev.l4t_release if dev.l4t_release else ''})",
+        )
+    ]
+
+
+def runtime_facts() -> dict[str, Any]:
+    """Python, OpenCV, ONNX Runtime, TensorRT and GPU facts of this device (for P/info)."""
+    facts: dict[str, Any] = {"python": sys.version.split()[0]}
+    for probe in (_opencv, _onnxruntime, _tensorrt):
+        facts.update(probe()[0])
+    return facts
+
+
+def check_broker(host: str, port: int, timeout_s: float = 3.0) -> Check:
+    """TCP reachability of the broker (the MQTT handshake itself is the daemon's: it reports refusals in P/stats)."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return Check("ok", "broker", f"{host}:{port} accepts connections")
+    except OSError as exc:
+        return Check("FAIL", "broker", f"{host}:{port} not reachable: {exc}")
+
+
+def run_checks(config_path: Path | None) -> list[Check]:
+    """Every check; the config-dependent ones (broker, bundle, camera files) only with ``config_path``."""
+    checks = [
+        Check("ok" if sys.version_info >= (3, 10) else "FAIL", "python", sys.version.split()[0]),
+        Check("ok", "edge-inspect", __version__),
+    ]
+    for probe in (_opencv, _onnxruntime, _tensorrt):
+        checks += probe()[1]
+    if config_path is None:
+        checks.append(Check("warn", "config", "none given (--config FILE): broker and bundle not checked"))
+        return checks
+    from deploy.manifest import BundleError
+    from edge_daemon.config import ConfigError, load_config
+    from edge_daemon.model import load_bundle
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        return [*checks, *(Check("FAIL", "config", p) for p in exc.problems)]
+    checks.append(Check("ok", "config", f"{config_path} (digest {config.digest()})"))
+    checks.append(check_broker(config.mqtt.host, config.mqtt.port))
+    try:
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="edge-doctor-") as tmp:
+            bundle = load_bundle(config.bundle, config.trusted_keys, Path(tmp), allow_unsigned=config.allow_unsigned)
+            checks.append(
+                Check(
+                    "ok",
+                    "bundle",
+                    f"{bundle.name} {bundle.version}, sha {bundle.sha[:12]}, "
+                    f"signed by {bundle.key_id or 'nobody (allow_unsigned)'}",
+                )
+            )
+    except BundleError as exc:
+        checks.append(Check("FAIL", "bundle", f"{config.bundle}: {exc}"))
+    from edge_daemon.capture.sources import parse_source
+
+    for cam in config.cameras:
+        spec = parse_source(cam.source)
+        if spec.kind == "file" and not Path(str(spec.target)).is_file():
+            checks.append(Check("FAIL", f"camera {cam.id}", f"file {spec.target} does not exist"))
+        elif spec.kind == "v4l2" and not Path(str(spec.target)).exists():
+            checks.append(Check("warn", f"camera {cam.id}", f"{spec.target} is not present now"))
+        else:
+            checks.append(Check("ok", f"camera {cam.id}", f"{spec.kind} source {cam.source}"))
+    return checks

@@ -1,0 +1,85 @@
+"""The detector bundle the daemon serves: verified against the trusted keys, unpacked where the backends can read it.
+
+A bundle folder is used in place; a ``.tar`` is unpacked (safely: deploy.bundle.safe_extract) into
+``<state_dir>/bundles/<manifest sha256>/``, a folder that outlives the process, since the backends read
+model.onnx and engines/ from it for as long as they serve. Nothing runs unless the signature verifies against
+one of ``trusted_keys`` (DESIGN.md, "Security model"); ``allow_unsigned`` exists for tests and the demo only.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from deploy.bundle import safe_extract, verify_bundle_details
+from deploy.manifest import BundleError, Calibration, Manifest
+from deploy.preprocess import InputSpec
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    """A verified bundle on disk. ``sha`` is sha256 of manifest.json: it covers every file, so it names the model."""
+
+    root: Path
+    manifest: Manifest
+    sha: str
+    key_id: str | None
+
+    @property
+    def name(self) -> str:
+        return str(self.manifest.model.get("name", "unknown"))
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.model.get("version", "unknown"))
+
+    @property
+    def input_spec(self) -> InputSpec:
+        return self.manifest.input.to_input_spec()
+
+    @property
+    def calibration(self) -> Calibration:
+        return self.manifest.calibration
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.root / "model.onnx"
+
+    def describe(self) -> dict[str, str | None]:
+        """For P/info and events: name, version, sha, signing key id."""
+        return {"name": self.name, "version": self.version, "sha": self.sha, "key_id": self.key_id}
+
+
+def load_bundle(path: Path, trusted_keys: list[Path], state_dir: Path, *, allow_unsigned: bool = False) -> LoadedBundle:
+    """Verify the bundle at ``path`` (folder or .tar) and return it ready to serve. BundleError naming the problem.
+
+    With no trusted keys and ``allow_unsigned`` false every bundle is refused: a device must be told whom to trust.
+    """
+    path = Path(path)
+    if not trusted_keys and not allow_unsigned:
+        raise BundleError("no trusted_keys in the config: the daemon runs only bundles signed by a key it trusts")
+    missing = [str(k) for k in trusted_keys if not Path(k).is_file()]
+    if missing:
+        raise BundleError(f"trusted key file(s) not found: {', '.join(missing)}")
+    verified = verify_bundle_details(path, trusted_keys, require_signature=not allow_unsigned)
+    if path.is_dir():
+        return LoadedBundle(path, verified.manifest, verified.manifest_sha256, verified.key_id)
+    target = Path(state_dir) / "bundles" / verified.manifest_sha256
+    if not (target / "manifest.json").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+        try:
+            safe_extract(path, tmp / "bundle")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(tmp / "bundle", target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    # Verify what is on disk now (the tar could have changed between the two reads).
+    again = verify_bundle_details(target, trusted_keys, require_signature=not allow_unsigned)
+    if again.manifest_sha256 != verified.manifest_sha256:
+        raise BundleError(f"{path} changed while it was being unpacked")
+    return LoadedBundle(target, again.manifest, again.manifest_sha256, again.key_id)

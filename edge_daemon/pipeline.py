@@ -1,0 +1,215 @@
+"""THE hot path: camera frames -> one batch -> backend -> calibrated scores -> events -> outbox.
+
+Read ``Pipeline.step`` top to bottom: it is everything that happens to a frame.
+
+1. take the latest frame of every camera that has a new one (capture threads keep only the latest: the scorer
+   never falls behind a live camera, and each replaced frame is counted as dropped by the camera);
+2. cut each camera's ROI and preprocess it exactly as the bundle's manifest says (deploy.preprocess);
+3. score the frames of all cameras in one backend call (up to the backend's max batch);
+4. normalise the raw scores with the bundle's calibration (threshold -> 0.5);
+5. feed each camera's event state machine, which returns the crops and events to publish;
+6. hand those to the outbox (``send``: the MQTT link's spool-backed sender; never blocks on the network).
+
+Between two batches, and only there, the pipeline applies a requested backend/model swap (open events are
+closed with reason "model_swap" first, so no event mixes two models) and closes the events of cameras that went
+offline (reason "camera_lost"). The pipeline runs on one thread; other threads talk to it only through
+``set_threshold``, ``request_swap`` and the read-only counters.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from deploy.preprocess import preprocess
+from edge_daemon.backends.base import Backend
+from edge_daemon.capture.camera import Camera, Frame
+from edge_daemon.events import EndReason, EventTracker, ModelRef, Outgoing
+from edge_daemon.model import LoadedBundle
+
+log = logging.getLogger("edge_daemon.pipeline")
+LATENCY_WINDOW = 2048  # frames kept per camera for the latency percentiles
+DEFAULT_THRESHOLD = 0.5  # the calibrated threshold, in normalised units
+
+
+@dataclass
+class CameraLane:
+    """One camera's share of the pipeline: its capture, its event state machine, its threshold and counters."""
+
+    camera: Camera
+    tracker: EventTracker
+    roi: tuple[int, int, int, int] | None = None
+    threshold: float = DEFAULT_THRESHOLD
+    threshold_source: str = "bundle"  # bundle | config | command
+    scored: int = 0
+    anomalous: int = 0
+    roi_errors: int = 0
+    latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+
+    @property
+    def camera_id(self) -> str:
+        return self.camera.camera_id
+
+
+def cut_roi(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
+    """The ROI (x, y, w, h, frame pixels) of ``image``, clamped to the frame; the whole frame when None.
+
+    ValueError when the ROI lies outside the frame (the camera's resolution does not fit the config).
+    """
+    if roi is None:
+        return image
+    x, y, w, h = roi
+    H, W = image.shape[:2]
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(W, x + w), min(H, y + h)
+    if x1 <= x0 or y1 <= y0:
+        raise ValueError(f"roi {roi} lies outside the {W}x{H} frame")
+    return image[y0:y1, x0:x1]
+
+
+class Pipeline:
+    """Scores the cameras' frames with one backend and turns scores into events (see the module docstring)."""
+
+    def __init__(
+        self,
+        lanes: Sequence[CameraLane],
+        backend: Backend,
+        bundle: LoadedBundle,
+        send: Callable[[Outgoing], None],
+        frame_ready: threading.Event,
+    ) -> None:
+        self.lanes = {lane.camera_id: lane for lane in lanes}
+        self.backend = backend
+        self.bundle = bundle
+        self.model = ModelRef(bundle.name, bundle.version, bundle.sha)
+        self.send = send
+        self.frame_ready = frame_ready
+        self.batches = 0
+        self.backend_errors = 0
+        self.last_error: str | None = None
+        self.heartbeat = time.monotonic()  # last time the loop went round: the watchdog's evidence of progress
+        self.last_scored = 0.0  # monotonic time of the last scored batch
+        self._swap: tuple[Backend, LoadedBundle] | None = None
+        self._swap_lock = threading.Lock()
+
+    # ------------------------------------------------------------------ called from other threads
+
+    def set_threshold(self, camera_id: str, threshold: float, source: str) -> None:
+        """Change one camera's threshold (normalised units, 0 < t < 1); effective from the next frame."""
+        lane = self.lanes[camera_id]
+        lane.threshold = float(threshold)
+        lane.threshold_source = source
+
+    def request_swap(self, backend: Backend, bundle: LoadedBundle) -> None:
+        """Serve ``backend`` (for ``bundle``) from the next batch on. The swap happens on the pipeline thread."""
+        with self._swap_lock:
+            self._swap = (backend, bundle)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, stop: threading.Event, idle_wait_s: float = 0.2) -> str:
+        """Score until ``stop`` is set ("stopped") or every camera has ended ("ended": file sources without loop)."""
+        while not stop.is_set():
+            self.heartbeat = time.monotonic()
+            if self.step() == 0:
+                if all(lane.camera.ended for lane in self.lanes.values()):
+                    return "ended"
+                self.frame_ready.wait(idle_wait_s)
+                self.frame_ready.clear()
+        return "stopped"
+
+    def step(self) -> int:
+        """One batch: every camera's newest frame (if it has a new one). Returns the number of frames scored."""
+        self._apply_swap()
+        self._close_lost_cameras()
+        batch: list[tuple[CameraLane, Frame]] = []
+        for lane in self.lanes.values():
+            frame = lane.camera.take()
+            if frame is not None:
+                batch.append((lane, frame))
+        scored = 0
+        for start in range(0, len(batch), self.backend.max_batch):
+            scored += self._score(batch[start : start + self.backend.max_batch])
+        return scored
+
+    def _score(self, chunk: list[tuple[CameraLane, Frame]]) -> int:
+        spec = self.bundle.input_spec
+        inputs, kept = [], []
+        for lane, frame in chunk:
+            try:
+                inputs.append(preprocess(cut_roi(frame.image, lane.roi), spec))
+                kept.append((lane, frame))
+            except ValueError as exc:  # an ROI that does not fit this camera's frames: counted, reported
+                lane.roi_errors += 1
+                self.last_error = f"camera {lane.camera_id}: {exc}"
+        if not kept:
+            return 0
+        try:
+            raw, maps = self.backend.run(np.stack(inputs))
+        except Exception as exc:  # a backend failure must not kill the daemon; it is counted and on /healthz
+            self.backend_errors += 1
+            self.last_error = f"{self.backend.kind}: {type(exc).__name__}: {exc}"
+            log.error("backend failed on a batch of %d: %s", len(kept), self.last_error)
+            return 0
+        normalised = self.bundle.calibration.normalise(np.asarray(raw, dtype=np.float64))
+        now = time.monotonic()
+        for i, (lane, frame) in enumerate(kept):
+            for message in lane.tracker.update(
+                frame=frame.image,
+                roi=lane.roi,
+                raw=float(raw[i]),
+                normalized=float(normalised[i]),
+                threshold=lane.threshold,
+                amap=maps[i, 0],
+                model=self.model,
+                wall=frame.wall,
+                mono=frame.t_capture,
+                frame_seq=frame.seq,
+            ):
+                self.send(message)
+            lane.scored += 1
+            lane.anomalous += int(normalised[i] >= lane.threshold)
+            lane.latencies_s.append(time.monotonic() - frame.t_capture)
+        self.batches += 1
+        self.last_scored = now
+        return len(kept)
+
+    # ------------------------------------------------------------------ between batches
+
+    def _apply_swap(self) -> None:
+        with self._swap_lock:
+            swap, self._swap = self._swap, None
+        if swap is None:
+            return
+        backend, bundle = swap
+        if bundle.sha != self.bundle.sha:
+            self.close_all("model_swap")
+        self.backend, self.bundle = backend, bundle
+        self.model = ModelRef(bundle.name, bundle.version, bundle.sha)
+        log.info("now serving %s %s with %s (%s)", bundle.name, bundle.version, backend.kind, backend.detail)
+
+    def _close_lost_cameras(self) -> None:
+        for lane in self.lanes.values():
+            state = lane.camera.status.state
+            if lane.tracker.is_open and state in ("offline", "ended"):
+                reason = "camera_lost" if state == "offline" else "source_ended"
+                for message in lane.tracker.close(reason, wall=time.time(), mono=time.monotonic()):
+                    self.send(message)
+
+    def close_all(self, reason: EndReason) -> None:
+        """End every open event with ``reason`` (shutdown, model_swap). Call on the pipeline thread or after it."""
+        for lane in self.lanes.values():
+            for message in lane.tracker.close(reason, wall=time.time(), mono=time.monotonic()):
+                self.send(message)
+
+
+def percentile_ms(values: Sequence[float] | deque[float], q: float) -> float | None:
+    """The ``q``-th percentile (0-100) of latencies given in seconds, in milliseconds; None when empty."""
+    if not values:
+        return None
+    return float(np.percentile(np.fromiter(values, dtype=np.float64), q) * 1000.0)

@@ -1,0 +1,487 @@
+"""The daemon as a service: start-up order, MQTT commands, housekeeping, signals, shutdown.
+
+Start-up: verify the bundle -> choose and gate a backend -> open the spool and the MQTT link -> start the cameras
+-> HTTP -> READY=1 -> the pipeline loop (edge_daemon.pipeline) on the main thread. A housekeeping thread feeds
+the systemd watchdog (only while the scoring loop makes progress), publishes stats, swaps in a TensorRT engine
+once its background build passed the gate, and applies a SIGHUP reload. SIGTERM/SIGINT: STOPPING=1, open events
+end with reason "shutdown", and the outbox is flushed to the broker for at most ``drain_timeout_s``; whatever is
+left stays in the spool for the next start (nothing is lost).
+
+Exit codes (DESIGN.md): 0 stopped or every file source ended; 1 the work failed (no backend passed the gate);
+2 bad input (bundle refused, spool unusable); 3 a capability is missing (backend tensorrt without TensorRT).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import signal
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from deploy.manifest import BundleError
+from edge_daemon import __version__
+from edge_daemon.backends import Backend, BackendError, BackendUnavailable, EngineBuild, select_backend
+from edge_daemon.backends import finish_build as finish_engine_build
+from edge_daemon.capture.camera import Camera, CameraStatus
+from edge_daemon.commands import CommandError, ModelRollback, ModelSet, ThresholdSet, parse_command, request_id_of
+from edge_daemon.config import ConfigError, DaemonConfig, load_config
+from edge_daemon.events import CropTuning, EventTracker, EventTuning, Outgoing
+from edge_daemon.http import HealthServer
+from edge_daemon.model import LoadedBundle, load_bundle
+from edge_daemon.mqtt import MqttLink, MqttSettings
+from edge_daemon.notify import Notifier
+from edge_daemon.pipeline import DEFAULT_THRESHOLD, CameraLane, Pipeline, percentile_ms
+from edge_daemon.spool import Spool
+
+log = logging.getLogger("edge_daemon")
+COMMAND_TOPICS = ("+/threshold/set", "model/set", "model/rollback")
+STALL_S = 10.0  # no loop progress for this long: /healthz says failing and the watchdog is no longer fed
+
+
+class StartupError(Exception):
+    """The daemon cannot start; ``code`` is the exit code (DESIGN.md)."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _iso(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json(data: Any) -> bytes:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True).encode("utf-8")
+
+
+def mqtt_settings(config: DaemonConfig) -> MqttSettings:
+    """The MQTT link's settings from the daemon config."""
+    m = config.mqtt
+    return MqttSettings(
+        host=m.host,
+        port=m.port,
+        topic_prefix=m.topic_prefix,
+        device_id=config.device_id,
+        client_id=m.client_id,
+        keepalive=m.keepalive,
+        username=m.username,
+        password=config.mqtt_password(),
+        tls_ca=m.tls.ca if m.tls else None,
+        tls_cert=m.tls.cert if m.tls else None,
+        tls_key=m.tls.key if m.tls else None,
+        tls_insecure=m.tls.insecure if m.tls else False,
+        protocol=m.protocol,
+    )
+
+
+def event_tuning(config: DaemonConfig) -> tuple[EventTuning, CropTuning]:
+    e, c = config.events, config.crop
+    return (
+        EventTuning(e.open_frames, e.close_frames, e.max_seconds, e.min_gap_s, e.update_interval_s),
+        CropTuning(c.padding, c.max_side, c.jpeg_quality),
+    )
+
+
+class Daemon:
+    """One daemon process. ``run()`` blocks until stopped and returns the exit code."""
+
+    def __init__(self, config: DaemonConfig, config_path: Path | None = None, notifier: Notifier | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier or Notifier()
+        self.stop_event = threading.Event()
+        self.reload_requested = threading.Event()
+        self.frame_ready = threading.Event()
+        self.started = time.time()
+        self.bundle: LoadedBundle | None = None
+        self.build: EngineBuild | None = None
+        self.pipeline: Pipeline | None = None
+        self.link: MqttLink | None = None
+        self.spool: Spool | None = None
+        self.cameras: dict[str, Camera] = {}
+        self.http: HealthServer | None = None
+        self._prev_scored: dict[str, tuple[float, int]] = {}
+        self._fps_scored: dict[str, float] = {}
+
+    # ------------------------------------------------------------------------------------- start-up
+
+    def _start_model(self) -> tuple[LoadedBundle, Backend]:
+        cfg = self.config
+        try:
+            bundle = load_bundle(cfg.bundle, cfg.trusted_keys, cfg.state_dir, allow_unsigned=cfg.allow_unsigned)
+        except BundleError as exc:
+            raise StartupError(f"bundle {cfg.bundle} refused: {exc}", 2) from None
+        try:
+            backend, self.build = select_backend(
+                bundle,
+                cfg.backend,
+                max_batch=cfg.max_batch,
+                cache_dir=cfg.state_dir / "engines",
+                precision=cfg.tensorrt_precision,
+            )
+        except BackendUnavailable as exc:
+            raise StartupError(str(exc), 3) from None
+        except BackendError as exc:
+            raise StartupError(str(exc), 1) from None
+        log.info(
+            "model %s %s (sha %s) on %s: %s", bundle.name, bundle.version, bundle.sha[:12], backend.kind, backend.parity
+        )
+        return bundle, backend
+
+    def _start_link(self) -> MqttLink:
+        cfg = self.config
+        try:
+            self.spool = Spool(cfg.spool.path, int(cfg.spool.max_mb * 1024 * 1024), synchronous=cfg.spool.synchronous)
+        except Exception as exc:
+            raise StartupError(f"spool {cfg.spool.path} cannot be used: {exc}", 2) from None
+        link = MqttLink(mqtt_settings(cfg), self.spool, command_topics=COMMAND_TOPICS, on_command=self._on_command)
+        return link
+
+    def _start_cameras(self, tuning: EventTuning, crop: CropTuning) -> list[CameraLane]:
+        lanes = []
+        for cam in self.config.cameras:
+            camera = Camera(
+                cam.id,
+                cam.source,
+                loop=cam.loop,
+                realtime=cam.realtime,
+                fps_cap=cam.fps_cap,
+                roi=cam.roi,
+                expected_fps=cam.expected_fps,
+                frame_ready=self.frame_ready,
+                on_status=self._on_camera_status,
+            )
+            self.cameras[cam.id] = camera
+            threshold, source = (
+                (cam.threshold, "config") if cam.threshold is not None else (DEFAULT_THRESHOLD, "bundle")
+            )
+            tracker = EventTracker(cam.id, self.config.device_id, tuning, crop)
+            lanes.append(CameraLane(camera, tracker, roi=cam.roi, threshold=threshold, threshold_source=source))
+        return lanes
+
+    def run(self) -> int:
+        """Start everything, score until stopped, shut down. Returns the exit code."""
+        try:
+            return self._run()
+        except StartupError as exc:
+            log.error("%s", exc)
+            self._teardown()
+            return exc.code
+
+    def _run(self) -> int:
+        self._install_signals()
+        self.bundle, backend = self._start_model()
+        self.link = self._start_link()
+        tuning, crop = event_tuning(self.config)
+        lanes = self._start_cameras(tuning, crop)
+        self.pipeline = Pipeline(lanes, backend, self.bundle, self._send, self.frame_ready)
+        self._publish_retained_states()
+        self.link.start()
+        for camera in self.cameras.values():
+            camera.start()
+        if self.config.http.bind:
+            try:
+                self.http = HealthServer(self.config.http.bind, self.snapshot, self.health).start()
+            except OSError as exc:
+                raise StartupError(f"http.bind {self.config.http.bind}: {exc}", 2) from None
+        housekeeping = threading.Thread(target=self._housekeeping, name="housekeeping", daemon=True)
+        housekeeping.start()
+        self.notifier.ready(f"scoring {len(self.cameras)} camera(s) with {backend.kind}")
+        log.info(
+            "ready: %d camera(s), backend %s, broker %s:%d",
+            len(self.cameras),
+            backend.kind,
+            self.config.mqtt.host,
+            self.config.mqtt.port,
+        )
+        outcome = self.pipeline.run(self.stop_event)
+        log.info("pipeline %s; shutting down", outcome)
+        self.notifier.stopping("draining events")
+        self.stop_event.set()
+        self.pipeline.close_all("shutdown")
+        self._teardown()
+        return 0
+
+    def _teardown(self) -> None:
+        self.stop_event.set()
+        for camera in self.cameras.values():
+            camera.stop()
+        if self.link is not None:
+            drained = self.link.stop(self.config.drain_timeout_s)
+            if not drained and self.spool is not None:
+                n, size = self.spool.depth()
+                log.warning(
+                    "broker not reached in %.0f s: %d message(s) (%d bytes) stay in the spool for the next start",
+                    self.config.drain_timeout_s,
+                    n,
+                    size,
+                )
+        if self.spool is not None:
+            self.spool.close()
+        if self.http is not None:
+            self.http.stop()
+
+    def _install_signals(self) -> None:
+        def stop(signum: int, frame: FrameType | None) -> None:
+            log.info("signal %s: stopping", signal.Signals(signum).name)
+            self.stop_event.set()
+            self.frame_ready.set()
+
+        def reload(signum: int, frame: FrameType | None) -> None:
+            self.reload_requested.set()
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, stop)
+            signal.signal(signal.SIGINT, stop)
+            signal.signal(signal.SIGHUP, reload)
+
+    # ------------------------------------------------------------------------------------- outbox
+
+    def _send(self, message: Outgoing) -> None:
+        assert self.link is not None
+        self.link.send(message.suffix, message.payload, message.kind)
+
+    # ------------------------------------------------------------------------------------- retained states
+
+    def info(self) -> dict[str, Any]:
+        from edge_daemon.doctor import runtime_facts
+
+        assert self.bundle is not None and self.pipeline is not None
+        return {
+            "device_id": self.config.device_id,
+            "daemon_version": __version__,
+            "started_at": _iso(self.started),
+            "host": platform.node(),
+            **runtime_facts(),
+            "backend": self.pipeline.backend.describe(),
+            "model": self.bundle.describe(),
+            "config_digest": self.config.digest(),
+            "cameras": [c.id for c in self.config.cameras],
+        }
+
+    def _publish_retained_states(self) -> None:
+        assert self.link is not None and self.pipeline is not None and self.bundle is not None
+        self.link.set_retained("info", _json(self.info()))
+        self.link.set_retained(
+            "model/state",
+            _json({"request_id": None, "phase": "active", "reason": None, "model": self.bundle.describe()}),
+        )
+        for lane in self.pipeline.lanes.values():
+            self._threshold_state(lane.camera_id, None, True, None)
+
+    def _on_camera_status(self, camera_id: str, status: CameraStatus) -> None:
+        payload = {"state": status.state, "reason": status.reason, "detail": status.detail, "since": _iso(status.since)}
+        log.info(
+            "camera %s: %s%s", camera_id, status.state, f" ({status.reason}: {status.detail})" if status.reason else ""
+        )
+        if self.link is not None:
+            self.link.set_retained(f"{camera_id}/status", _json(payload))
+        self.frame_ready.set()  # let the pipeline close an open event of a lost camera promptly
+
+    def _threshold_state(self, camera_id: str, request_id: str | None, ok: bool, reason: str | None) -> None:
+        assert self.link is not None and self.pipeline is not None
+        lane = self.pipeline.lanes.get(camera_id)
+        body = {
+            "request_id": request_id,
+            "ok": ok,
+            "reason": reason,
+            "threshold": lane.threshold if lane else None,
+            "source": lane.threshold_source if lane else None,
+        }
+        if lane is None:  # no retained topic for a camera that does not exist
+            self.link.publish_volatile(f"{camera_id}/threshold/state", _json(body))
+        else:
+            self.link.set_retained(f"{camera_id}/threshold/state", _json(body))
+
+    # ------------------------------------------------------------------------------------- commands
+
+    def _on_command(self, suffix: str, payload: bytes) -> None:
+        """Called on the MQTT thread for every non-retained command. Answers every command; never raises."""
+        assert self.pipeline is not None and self.link is not None and self.bundle is not None
+        parts = suffix.split("/")
+        if len(parts) == 3 and parts[1:] == ["threshold", "set"]:
+            camera_id = parts[0]
+            try:
+                cmd = parse_command(ThresholdSet, payload)
+            except CommandError as exc:
+                log.warning("threshold/set for %s refused: %s", camera_id, exc)
+                self._threshold_state(camera_id, request_id_of(payload), False, str(exc))
+                return
+            if camera_id not in self.pipeline.lanes:
+                self._threshold_state(camera_id, cmd.request_id, False, f"no camera {camera_id!r} on this device")
+                return
+            if cmd.threshold is None:
+                configured = self.config.camera(camera_id).threshold
+                value, source = (configured, "config") if configured is not None else (DEFAULT_THRESHOLD, "bundle")
+            else:
+                value, source = cmd.threshold, "command"
+            self.pipeline.set_threshold(camera_id, value, source)
+            log.info("camera %s threshold %.4f (%s)", camera_id, value, source)
+            self._threshold_state(camera_id, cmd.request_id, True, None)
+        elif suffix in ("model/set", "model/rollback"):
+            model = ModelSet if suffix == "model/set" else ModelRollback
+            try:
+                parsed = parse_command(model, payload)
+                rid, reason = parsed.request_id, f"{suffix} is not supported by daemon {__version__} yet"
+            except CommandError as exc:
+                rid, reason = request_id_of(payload), str(exc)
+            self.link.set_retained(
+                "model/state",
+                _json({"request_id": rid, "phase": "refused", "reason": reason, "model": self.bundle.describe()}),
+            )
+        else:
+            log.warning("command on unknown topic %s ignored", suffix)
+
+    # ------------------------------------------------------------------------------------- housekeeping
+
+    def _housekeeping(self) -> None:
+        next_stats = time.monotonic() + self.config.stats_interval_s
+        watchdog_every = (self.notifier.watchdog_interval_s or 0) / 2
+        next_watchdog = time.monotonic()
+        while not self.stop_event.wait(0.25):
+            now = time.monotonic()
+            try:
+                if watchdog_every and now >= next_watchdog and self._making_progress(now):
+                    self.notifier.watchdog()
+                    next_watchdog = now + watchdog_every
+                if now >= next_stats:
+                    next_stats = now + self.config.stats_interval_s
+                    self._publish_stats()
+                if self.build is not None:
+                    self._poll_build()
+                if self.reload_requested.is_set():
+                    self.reload_requested.clear()
+                    self._reload()
+            except Exception:  # housekeeping must keep going; the error is in the log
+                log.exception("housekeeping failed")
+
+    def _making_progress(self, now: float) -> bool:
+        return self.pipeline is not None and now - self.pipeline.heartbeat < STALL_S
+
+    def _poll_build(self) -> None:
+        assert self.build is not None and self.bundle is not None and self.pipeline is not None
+        if self.build.poll() == "building":
+            return
+        backend = finish_engine_build(self.build, self.bundle)
+        self.build = None
+        if backend is not None:
+            self.pipeline.request_swap(backend, self.bundle)
+            assert self.link is not None
+            self.link.set_retained("info", _json(self.info()))
+
+    def _reload(self) -> None:
+        if self.config_path is None:
+            return
+        try:
+            new = load_config(self.config_path)
+        except ConfigError as exc:
+            log.error("SIGHUP: config not reloaded, it has problems: %s", "; ".join(exc.problems))
+            return
+        assert self.pipeline is not None
+        for cam in new.cameras:
+            lane = self.pipeline.lanes.get(cam.id)
+            if lane is not None and lane.threshold_source != "command":
+                value, source = (
+                    (cam.threshold, "config") if cam.threshold is not None else (DEFAULT_THRESHOLD, "bundle")
+                )
+                self.pipeline.set_threshold(cam.id, value, source)
+                self._threshold_state(cam.id, None, True, None)
+        needs_restart = [
+            key
+            for key in ("device_id", "bundle", "trusted_keys", "backend", "mqtt", "spool", "http", "state_dir")
+            if getattr(new, key) != getattr(self.config, key)
+        ]
+        if [c.model_dump(exclude={"threshold"}) for c in new.cameras] != [
+            c.model_dump(exclude={"threshold"}) for c in self.config.cameras
+        ]:
+            needs_restart.append("cameras")
+        if new.events != self.config.events or new.crop != self.config.crop:
+            needs_restart.append("events/crop")
+        self.config = new.model_copy(update={k: getattr(self.config, k) for k in needs_restart if k != "events/crop"})
+        log.info(
+            "SIGHUP: config reloaded (thresholds applied)%s",
+            f"; a restart is needed for: {', '.join(needs_restart)}" if needs_restart else "",
+        )
+
+    # ------------------------------------------------------------------------------------- observability
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything /metrics, /healthz and P/stats report, read without stopping the pipeline."""
+        pipeline, link, spool = self.pipeline, self.link, self.spool
+        now = time.monotonic()
+        cams: dict[str, Any] = {}
+        if pipeline is not None:
+            for cam_id, lane in pipeline.lanes.items():
+                stats = lane.camera.stats()
+                prev_t, prev_n = self._prev_scored.get(cam_id, (now, lane.scored))
+                latencies = list(lane.latencies_s)
+                cams[cam_id] = {
+                    **stats,
+                    "frames_scored": lane.scored,
+                    "fps_scored": self._fps_scored.get(cam_id),
+                    "anomalous": lane.anomalous,
+                    "roi_errors": lane.roi_errors,
+                    "threshold": lane.threshold,
+                    "events_opened": lane.tracker.stats().get("events_opened", 0),
+                    "latency_p50_ms": percentile_ms(latencies, 50),
+                    "latency_p95_ms": percentile_ms(latencies, 95),
+                    "latency_p99_ms": percentile_ms(latencies, 99),
+                }
+                if now - prev_t >= 1.0:
+                    self._fps_scored[cam_id] = (lane.scored - prev_n) / (now - prev_t)
+                    self._prev_scored[cam_id] = (now, lane.scored)
+                elif cam_id not in self._prev_scored:
+                    self._prev_scored[cam_id] = (now, lane.scored)
+        depth = spool.depth() if spool is not None else (0, 0)
+        return {
+            "ts": _iso(time.time()),
+            "uptime_s": round(time.time() - self.started, 1),
+            "cameras": cams,
+            "mqtt": link.stats() if link is not None else {},
+            "spool_messages": depth[0],
+            "spool_bytes": depth[1],
+            "spool_dropped": spool.dropped if spool is not None else {},
+            "backend": pipeline.backend.describe() if pipeline is not None else None,
+            "backend_errors": pipeline.backend_errors if pipeline is not None else 0,
+            "last_error": pipeline.last_error if pipeline is not None else None,
+            "engine_build": self.build.poll() if self.build is not None else None,
+        }
+
+    def _publish_stats(self) -> None:
+        if self.link is not None:
+            self.link.publish_volatile("stats", _json(self.snapshot()))
+
+    def health(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) for /healthz: 503 when failing, 200 when ok or degraded (with the reasons)."""
+        now = time.monotonic()
+        problems, failing = [], False
+        if self.pipeline is None:
+            failing = True
+            problems.append("starting")
+        elif not self._making_progress(now):
+            failing = True
+            problems.append(f"the scoring loop has made no progress for {now - self.pipeline.heartbeat:.0f} s")
+        for cam_id, camera in self.cameras.items():
+            if camera.status.state not in ("online", "ended"):
+                problems.append(f"camera {cam_id} {camera.status.state}: {camera.status.reason}")
+        if self.link is not None and not self.link.connected:
+            problems.append("MQTT broker not connected (events go to the spool)")
+        status = "failing" if failing else ("degraded" if problems else "ok")
+        return (503 if failing else 200), {"status": status, "problems": problems, "version": __version__}
+
+
+def run_daemon(config_path: Path) -> int:
+    """``edge-daemon run --config FILE``: load the config (exit 2 with its problems), run, return the exit code."""
+    try:
+        config = load_config(config_path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            log.error("%s: %s", config_path, problem)
+        return 2
+    return Daemon(config, config_path).run()
