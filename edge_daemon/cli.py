@@ -72,3 +72,7 @@ def doctor(
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+if __name__ == "__main__":
+    main()

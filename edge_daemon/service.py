@@ -205,8 +205,22 @@ class Daemon:
         self.notifier.stopping("draining events")
         self.stop_event.set()
         self.pipeline.close_all("shutdown")
+        self._publish_stats()
         self._teardown()
+        log.info("final: %s", json.dumps(self.final_counts(), sort_keys=True))
         return 0
+
+    def final_counts(self) -> dict[str, Any]:
+        """Per camera: frames captured, dropped and scored, events opened and closed (the log's last line)."""
+        assert self.pipeline is not None
+        out: dict[str, Any] = {}
+        for cam_id, lane in self.pipeline.lanes.items():
+            cam, ev = lane.camera.stats(), lane.tracker.stats()
+            out[cam_id] = {
+                "frames_in": cam.get("frames_in"), "frames_dropped": cam.get("frames_dropped"),
+                "frames_scored": lane.scored, "events_opened": ev["events_opened"], "events_closed": ev["events_closed"],
+            }
+        return out
 
     def _teardown(self) -> None:
         self.stop_event.set()

@@ -1,0 +1,133 @@
+"""The daemon's config: YAML with line numbers in every problem, EDGE_* overrides, check-config and doctor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_daemon.config import ConfigError, load_config, parse_config
+
+GOOD = """\
+device_id: line3-cam-a
+bundle: bundles/current.tar
+trusted_keys: [keys/line3.pub]
+mqtt:
+  host: mqtt.plant.local
+  port: 1883
+cameras:
+  - id: cam0
+    source: /dev/video0
+    roi: [10, 20, 300, 200]
+  - id: cam1
+    source: rtsp://10.0.0.5/stream
+    threshold: 0.6
+"""
+
+
+def cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-m", "edge_daemon.cli", *map(str, args)],
+        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+    )
+
+
+def test_good_config_resolves_relative_paths(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD)
+    cfg = load_config(path)
+    assert cfg.bundle == tmp_path / "bundles" / "current.tar"
+    assert cfg.trusted_keys == [tmp_path / "keys" / "line3.pub"]
+    assert cfg.cameras[0].roi == (10, 20, 300, 200) and cfg.cameras[1].threshold == 0.6
+    assert cfg.cameras[1].source == "rtsp://10.0.0.5/stream"  # URLs are not paths
+    assert cfg.events.open_frames == 2 and cfg.http.bind == "127.0.0.1:9108"
+    assert len(cfg.digest()) == 16
+
+
+def test_every_problem_on_its_own_line_with_the_yaml_line() -> None:
+    bad = GOOD.replace("port: 1883", "port: 99999").replace("threshold: 0.6", "threshold: 1.5")
+    bad = bad.replace("id: cam1", "id: cam 1").replace("device_id:", "devce_id:")
+    with pytest.raises(ConfigError) as err:
+        parse_config(bad)
+    problems = err.value.problems
+    text = "\n".join(problems)
+    assert any(p.startswith("line 6: mqtt.port:") for p in problems), text
+    assert any(p.startswith("line 13: cameras.1.threshold:") for p in problems), text
+    assert any(p.startswith("line 11: cameras.1.id:") for p in problems), text
+    assert any("devce_id: unknown key" in p for p in problems), text
+    assert any("device_id: required key is missing" in p for p in problems), text
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (("source: /dev/video0", "source: ftp://x/y"), "cameras.0.source"),
+        (("source: /dev/video0", 'source: ""'), "cameras.0.source"),
+        (("id: cam1", "id: cam0"), "used twice"),
+        (("roi: [10, 20, 300, 200]", "roi: [10, 20, 0, 200]"), "roi"),
+        (("port: 1883", "port: 1883\n  tls: {ca: ca.pem, cert: c.pem}"), "tls.cert and tls.key go together"),
+        (("mqtt:", "http: {bind: nowhere}\nmqtt:"), "bind must be host:port"),
+    ],
+)
+def test_bad_values_are_named(change: tuple[str, str], expected: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(GOOD.replace(*change))
+    assert expected in "\n".join(err.value.problems)
+
+
+def test_not_yaml_and_not_a_mapping() -> None:
+    with pytest.raises(ConfigError, match=r"line 2: not valid YAML"):
+        parse_config("device_id: a\n  bundle: [unclosed\n")
+    with pytest.raises(ConfigError, match="mapping of keys"):
+        parse_config("- just\n- a list\n")
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EDGE_MQTT__HOST", "broker.other")
+    monkeypatch.setenv("EDGE_MQTT__PASSWORD", "s3cret")
+    monkeypatch.setenv("EDGE_EVENTS__OPEN_FRAMES", "4")
+    cfg = parse_config(GOOD)
+    assert cfg.mqtt.host == "broker.other" and cfg.mqtt.port == 1883  # key by key, the rest from the file
+    assert cfg.events.open_frames == 4
+    assert cfg.mqtt_password() == "s3cret"
+    assert "s3cret" not in repr(cfg) and "s3cret" not in cfg.model_dump_json()
+
+
+def test_password_file(tmp_path: Path) -> None:
+    (tmp_path / "pw").write_text("hunter2\n")
+    cfg = parse_config(GOOD.replace("  port: 1883", f"  port: 1883\n  password_file: {tmp_path / 'pw'}"))
+    assert cfg.mqtt_password() == "hunter2"
+    with pytest.raises(ConfigError, match="password_file"):
+        parse_config(GOOD.replace("  port: 1883", f"  port: 1883\n  password_file: {tmp_path / 'missing'}"))
+
+
+def test_check_config_cli(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD)
+    res = cli("check-config", good)
+    assert res.returncode == 0 and "ok (device line3-cam-a, 2 camera(s)" in res.stdout, res.stderr
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("port: 1883", "port: nope").replace("open", "x"))
+    res = cli("check-config", bad)
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert f"{bad}: line 6: mqtt.port:" in res.stderr
+    res = cli("check-config", tmp_path / "absent.yaml")
+    assert res.returncode == 2 and "no such file" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_doctor_reports_the_device(tmp_path: Path) -> None:
+    res = cli("doctor")
+    assert res.returncode == 0, res.stdout + res.stderr
+    for what in ("python", "opencv", "ffmpeg", "gstreamer", "onnxruntime", "tensorrt"):
+        assert any(line.split()[1:2] == [what] for line in res.stdout.splitlines()), (what, res.stdout)
+    # with a config: the broker (nothing listens on this port) and the bundle (missing) are FAIL lines, exit 1
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(GOOD.replace("mqtt.plant.local", "127.0.0.1").replace("port: 1883", "port: 9"))
+    res = cli("doctor", "--config", cfg)
+    assert res.returncode == 1
+    assert any(ln.startswith("FAIL  broker") for ln in res.stdout.splitlines()), res.stdout
+    assert any(ln.startswith("FAIL  bundle") for ln in res.stdout.splitlines()), res.stdout

@@ -1,0 +1,156 @@
+"""The daemon end to end: a real signed bundle, a line video of real photographs, a real mosquitto, the real process.
+
+The bundle is a small AE trained on the MVTec bottle's normal images (conftest.signed_bottle_bundle); the video
+holds the bottle's test photographs (good and defective), each for a few frames (scripts/line_video.py).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from deploy.bundle import verify_bundle_details
+from tests.conftest import SignedBundle
+from tests.daemon_helpers import (
+    PREFIX,
+    Daemon,
+    LineVideo,
+    check_events_and_crops,
+    events_of,
+    make_line_video,
+    wait_until,
+    write_config,
+)
+from tests.mqtt_broker import Broker, Subscriber
+
+
+@pytest.fixture(scope="module")
+def line(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> LineVideo:
+    """40 real bottle photographs (shuffled, good and defective), 4 frames each: 160 frames at 20 fps."""
+    out = tmp_path_factory.mktemp("line") / "line.avi"
+    return make_line_video(shared_data / "mvtec_bottle", out, hold=4, fps=20.0, limit=40)
+
+
+def model_sha(bundle: SignedBundle) -> str:
+    return verify_bundle_details(bundle.path, [bundle.public_key]).manifest_sha256
+
+
+def final_counts(daemon: Daemon) -> dict[str, dict[str, int]]:
+    lines = [ln for ln in daemon.text().splitlines() if "final: " in ln]
+    assert lines, f"no final line in the daemon's log:\n{daemon.text()[-3000:]}"
+    return json.loads(lines[-1].split("final: ", 1)[1])
+
+
+def camera(line: LineVideo, **extra: object) -> dict[str, object]:
+    return {"id": "cam0", "source": str(line.video), "roi": list(line.roi), **extra}
+
+
+def test_video_to_events_and_crops(signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path) -> None:
+    """Every frame scored (a file plays losslessly), every event has its crop first, the daemon exits 0 at the end."""
+    b = signed_bottle_bundle
+    with Broker(tmp_path / "broker") as broker, Subscriber(broker.port, f"{PREFIX}/#") as sub:
+        config = write_config(tmp_path, b.path, b.public_key, broker.port, [camera(line)])
+        daemon = Daemon(config)
+        assert daemon.wait(120) == 0, daemon.text()[-3000:]
+        sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 10,
+                     "status stopped")
+    msgs = sub.messages
+    events = check_events_and_crops(msgs, model_sha(b))
+    counts = final_counts(daemon)["cam0"]
+    assert counts["frames_scored"] == line.frames == counts["frames_in"]
+    assert counts["frames_dropped"] == 0
+    starts = [e for e in events if e["type"] == "start"]
+    ends = [e for e in events if e["type"] == "end"]
+    assert len(starts) == counts["events_opened"] >= 1
+    assert len(ends) == counts["events_closed"] == len(starts), "every event is closed"
+    assert all(e["reason"] in ("normal", "source_ended") for e in ends)
+    # the events are about defective parts: at least one covers a defective photograph
+    defective = {p.index for p in line.parts if p.defective}
+    covered = {
+        p.index for e in ends for p in line.parts if p.first_frame <= e["last_frame"] and p.last_frame >= e["first_frame"]
+    }
+    assert covered & defective, "no event on any defective part"
+    # retained state: online first, info naming the model, stopped at the end
+    status = [m.payload for m in msgs if m.topic == f"{PREFIX}/status"]
+    assert status[0] == b"online" and status[-1] == b"stopped"
+    info = json.loads([m for m in msgs if m.topic == f"{PREFIX}/info"][-1].payload)
+    assert info["model"]["sha"] == model_sha(b) and info["backend"]["kind"] == "onnxruntime"
+    assert "parity ok" in info["backend"]["parity"]
+    cam_status = [json.loads(m.payload)["state"] for m in msgs if m.topic == f"{PREFIX}/cam0/status"]
+    assert "online" in cam_status and cam_status[-1] == "ended"
+
+
+def test_broker_outages_lose_nothing(signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path) -> None:
+    """The broker is down at start and killed twice more mid-run: every event arrives once, in order, and those
+    sent after an outage are flagged replayed."""
+    b = signed_bottle_bundle
+    # persistence keeps the subscriber's session (and its queue) across broker restarts, as a plant broker does
+    with Broker(tmp_path / "broker", persistence=True) as broker, Subscriber(
+        broker.port, f"{PREFIX}/#", client_id="outage-watcher"
+    ) as sub:
+        time.sleep(1.2)  # let mosquitto autosave the subscription
+        broker.stop()
+        config = write_config(tmp_path, b.path, b.public_key, broker.port, [camera(line, realtime=True)])
+        daemon = Daemon(config)
+        time.sleep(3.0)  # ~60 frames scored with no broker: their events wait in the spool
+        broker.start()
+        for _ in range(2):
+            time.sleep(1.5)
+            broker.restart(kill=True, down_s=1.0)
+        assert daemon.wait(120) == 0, daemon.text()[-3000:]
+        sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 20,
+                     "status stopped")
+    events = check_events_and_crops(sub.messages, model_sha(b))
+    counts = final_counts(daemon)["cam0"]
+    starts = [e for e in events if e["type"] == "start"]
+    assert len(starts) == counts["events_opened"] >= 1
+    assert len([e for e in events if e["type"] == "end"]) == counts["events_closed"]
+    assert [e["first_frame"] for e in starts] == sorted(e["first_frame"] for e in starts), "events out of order"
+    assert any(e.get("replayed") for e in events), "events spooled during the first outage are flagged replayed"
+
+
+def test_sigkill_with_a_full_spool_replays_after_restart(
+    signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path
+) -> None:
+    """No broker at all: the daemon spools, is SIGKILLed; the next start replays the spool intact, in order."""
+    b = signed_bottle_bundle
+    with Broker(tmp_path / "broker") as broker:
+        broker.stop()
+        config = write_config(tmp_path, b.path, b.public_key, broker.port, [camera(line, realtime=True)])
+        spool = tmp_path / "state" / "spool.db"
+        daemon = Daemon(config)
+
+        def spooled() -> list[tuple[str, bytes]]:
+            if not spool.exists():
+                return []
+            with sqlite3.connect(f"file:{spool}?mode=ro", uri=True) as db:
+                rows = db.execute("SELECT * FROM sqlite_master WHERE type='table'").fetchall()
+                table = next(r[1] for r in rows if r[1] not in ("meta", "sqlite_sequence"))
+                return [(t, bytes(p)) for t, p in db.execute(f"SELECT topic, payload FROM {table} ORDER BY id")]
+
+        wait_until(lambda: sum(t.endswith("/events") for t, _ in spooled()) >= 2, 60, "two events in the spool")
+        daemon.kill()
+        before = spooled()
+        assert before
+        broker.start()
+        with Subscriber(broker.port, f"{PREFIX}/#") as sub:
+            again = Daemon(config)
+            assert again.wait(120) == 0, again.text()[-3000:]
+            sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 20,
+                         "status stopped")
+    got = [(m.topic, m.payload) for m in sub.messages if "/events" in m.topic or "/crop/" in m.topic]
+    replayed = [(t, p) for t, p in got[: len(before)]]
+    assert [t for t, _ in replayed] == [f"{PREFIX}/{t}" if not t.startswith(PREFIX) else t for t, _ in before]
+    for (_, sent), (_, stored) in zip(replayed, before):
+        if sent[:1] == b"{":
+            ev, orig = json.loads(sent), json.loads(stored)
+            assert ev.pop("replayed") is True
+            orig.pop("replayed", None)
+            assert ev == orig
+        else:
+            assert sent == stored  # crops byte for byte
+    events_of(sub.messages)
