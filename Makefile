@@ -26,7 +26,8 @@ install: $(VENV)/.installed
 
 # The main job, end to end on real data: MNIST (digit 3 normal) -> train the AE baseline ->
 # evaluate on the official test set; then the same on real factory images (MVTec AD bottle),
-# exported as a signed detector bundle and verified.
+# exported as a signed detector bundle and verified; then the daemon watches a "line" video made of
+# the bottle's real test photographs and its events arrive over MQTT from a private broker.
 demo: install
 	$(BIN)/edge-trainer datasets prepare mnist --normal-class 3 --out $(DEMO_DIR)/data/mnist-3
 	$(BIN)/edge-trainer train --model ae --data $(DEMO_DIR)/data/mnist-3 --out $(DEMO_DIR)/runs/ae-3 --epochs 3
@@ -40,6 +41,8 @@ demo: install
 	$(BIN)/edge-trainer export $(DEMO_DIR)/runs/ae-bottle --out $(DEMO_DIR)/bundles/ae-bottle \
 		--sign-key $(DEMO_DIR)/keys/demo.key
 	$(BIN)/edge-deploy verify $(DEMO_DIR)/bundles/ae-bottle --trusted $(DEMO_DIR)/keys/demo.pub
+	$(BIN)/python scripts/demo_line.py --bundle $(DEMO_DIR)/bundles/ae-bottle --trusted $(DEMO_DIR)/keys/demo.pub \
+		--data $(SHARED_DATA)/mvtec_bottle --work $(DEMO_DIR)/line
 
 test: install
 	$(BIN)/python -m pytest -q

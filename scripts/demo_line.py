@@ -73,7 +73,7 @@ class Watcher:
         self.events.append(ev)
         crop = ev.get("crop")
         saved = ""
-        if crop:
+        if crop and ev["type"] != "end":  # an end names the crop already shown
             data = self.crops.get(crop["sha256"])
             if data is None:
                 self.problems.append(f"{ev['event_id']} seq {ev['seq']}: its crop did not arrive before it")
@@ -81,7 +81,7 @@ class Watcher:
                 img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
                 if img is None:
                     self.problems.append(f"{ev['event_id']}: the crop is not a decodable JPEG")
-                path = self.crops_dir / f"{ev['event_id']}-{ev['seq']}.jpg"
+                path = self.crops_dir / f"{ev['event_id']}-{ev['seq']}.jpg"  # seq 0: start, then updates
                 path.write_bytes(data)
                 saved = f"crop {img.shape[1]}x{img.shape[0]} -> {path}" if img is not None else ""
         if not self.quiet:
@@ -181,7 +181,7 @@ def main() -> int:
         f"{video.frames} frames scored; {summary['events']} events: {summary['true_alarms']} true alarms, "
         f"{summary['false_alarms']} false alarms; defective parts caught {summary['defective_caught']}/"
         f"{summary['defective_parts']}; good parts flagged {summary['good_flagged']}/{summary['good_parts']}; "
-        f"{len(watcher.crops)} crops saved in {work / 'crops'}"
+        f"{len(list((work / 'crops').glob('*.jpg')))} crops saved in {work / 'crops'}"
     )
     for problem in watcher.problems:
         print(f"problem: {problem}")
