@@ -176,6 +176,9 @@ class Daemon:
 
     def _run(self) -> int:
         self._install_signals()
+        import cv2
+
+        cv2.setNumThreads(1)  # one busy core per scoring worker (DESIGN.md, "Hot-path facts")
         self.bundle, backend = self._start_model()
         self.link = self._start_link()
         tuning, crop = event_tuning(self.config)

@@ -1,0 +1,399 @@
+"""Real MQTT for tests: Debian's Mosquitto on a free loopback port, and a recording subscriber.
+
+Import it from a test module (``from tests.mqtt_broker import Broker, Subscriber``); it is not a conftest.
+A missing mosquitto is an error with the install command, never a skip: CI installs it.
+
+    with Broker(tmp_path / "mqtt") as broker:           # started, waits until the port accepts connections
+        sub = Subscriber(broker.port, "inspect/#").start()   # subscribed (SUBACK received)
+        ...
+        sub.wait_for(lambda msgs: len(msgs) >= 3, what="three messages")
+        broker.restart()                                   # same port; kill() is SIGKILL
+        sub.stop()
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+__all__ = [
+    "Broker",
+    "BrokerError",
+    "Received",
+    "Subscriber",
+    "TlsFiles",
+    "broker",
+    "free_port",
+    "make_test_pki",
+    "mosquitto_path",
+    "publish",
+]
+
+HOST = "127.0.0.1"
+
+
+class BrokerError(RuntimeError):
+    """Mosquitto is missing or would not start; the message says why (with its log)."""
+
+
+def mosquitto_path() -> str:
+    """The mosquitto binary (Debian installs it in /usr/sbin, often not on a user's PATH)."""
+    for candidate in ("/usr/sbin/mosquitto", shutil.which("mosquitto")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise BrokerError(
+        "mosquitto is not installed (looked in /usr/sbin and on PATH): these tests need a real broker; "
+        "install Debian's package: apt-get install -y mosquitto"
+    )
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throw-away PKI: a CA, a server certificate for 127.0.0.1 and a client certificate (PEM files)."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_test_pki(directory: Path) -> TlsFiles:
+    """Generate a CA and server/client certificates (EC P-256, valid for a day) with ``cryptography``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+        cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        return cert_path, key_path
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("edge-inspect test CA"))
+        .issuer_name(name("edge-inspect test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, _ = write("ca", ca_cert, ca_key)
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]),
+                critical=False,
+            )
+        return write(cn, builder.sign(ca_key, hashes.SHA256()), key)
+
+    server_cert, server_key = leaf("server", ExtendedKeyUsageOID.SERVER_AUTH)
+    client_cert, client_key = leaf("client", ExtendedKeyUsageOID.CLIENT_AUTH)
+    return TlsFiles(ca_path, server_cert, server_key, client_cert, client_key)
+
+
+class Broker:
+    """One mosquitto process on a free 127.0.0.1 port, with its config, log and data in ``workdir``.
+
+    ``persistence``: keep sessions, queued QoS 1 messages and retained messages across :meth:`restart`
+    (mosquitto writes them when it stops on SIGTERM; a SIGKILL loses what was not saved).
+    ``allow_anonymous``: False refuses every client (no password file): a broker with bad credentials.
+    ``tls``: serve TLS only, with these files; the client must present a certificate signed by the CA.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        persistence: bool = False,
+        allow_anonymous: bool = True,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.persistence = persistence
+        self.allow_anonymous = allow_anonymous
+        self.tls = tls
+        self.log_path = self.workdir / "mosquitto.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _write_config(self) -> Path:
+        lines = [
+            f"listener {self.port} {HOST}",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
+            f"persistence {'true' if self.persistence else 'false'}",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp_format %H:%M:%S",
+        ]
+        if self.persistence:
+            lines.append(f"persistence_location {self.workdir}/")
+        if self.tls is not None:
+            lines += [
+                f"cafile {self.tls.ca}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+                "require_certificate true",
+            ]
+        if os.geteuid() == 0:
+            # As root mosquitto drops to the "mosquitto" user, which could not write our workdir.
+            lines.append(f"user {getpass.getuser()}")
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def start(self, timeout: float = 10.0) -> Broker:
+        """Start mosquitto and wait until its port accepts connections; BrokerError with its log if not."""
+        if self.running:
+            return self
+        binary = mosquitto_path()
+        conf = self._write_config()
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise BrokerError(f"mosquitto exited with {self._proc.returncode} at start:\n{self.log_text()[-2000:]}")
+            if _port_open(self.port):
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise BrokerError(f"mosquitto did not open port {self.port} within {timeout} s:\n{self.log_text()[-2000:]}")
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM and wait (mosquitto saves its persistence file then)."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
+            try:
+                self._proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL and wait: clients see the connection drop, nothing is saved."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def restart(self, *, kill: bool = False, down_s: float = 0.0) -> None:
+        """Stop (or kill) and start again on the same port, after ``down_s`` seconds down."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        if down_s > 0:
+            time.sleep(down_s)
+        self.start()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[Broker]:
+    """A started, non-persistent broker for one test (import this fixture into a test module to use it)."""
+    with Broker(tmp_path / "mosquitto") as b:
+        yield b
+
+
+@dataclass(frozen=True)
+class Received:
+    """One message as the subscriber got it; ``t`` is time.monotonic() at arrival."""
+
+    topic: str
+    payload: bytes
+    retain: bool
+    t: float
+
+
+class Subscriber:
+    """A paho v2 client recording every message under ``topic_filters`` (QoS 1), thread-safe.
+
+    It has a fixed client id and a persistent session (clean_session False), and subscribes again on every
+    connect: with a persistent broker it gets what was queued while it was away; without one (sessions are
+    lost on a broker restart) it at least keeps listening. It reconnects by itself (0.1 s to 1 s backoff).
+    """
+
+    def __init__(
+        self,
+        port: int,
+        topic_filters: str | Sequence[str],
+        *,
+        client_id: str | None = None,
+        protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv311,
+    ) -> None:
+        self.port = port
+        self.filters = [topic_filters] if isinstance(topic_filters, str) else list(topic_filters)
+        self.client_id = client_id or f"test-sub-{uuid.uuid4().hex[:10]}"
+        self._lock = threading.Lock()
+        self._messages: list[Received] = []
+        self._subscribed = threading.Event()
+        self.connects = 0
+        clean = None if protocol == MQTTProtocolVersion.MQTTv5 else False
+        self._client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=clean, protocol=protocol
+        )
+        self._client.reconnect_delay_set(0.1, 1)  # type: ignore[arg-type]
+        self._client.on_connect = self._on_connect
+        self._client.on_subscribe = self._on_subscribe
+        self._client.on_message = self._on_message
+
+    def _on_connect(self, client: mqtt.Client, userdata: object, flags: object, reason: object, props: object) -> None:
+        if getattr(reason, "is_failure", False):
+            return
+        self.connects += 1
+        client.subscribe([(f, 1) for f in self.filters])
+
+    def _on_subscribe(self, client: mqtt.Client, userdata: object, mid: int, reasons: object, props: object) -> None:
+        self._subscribed.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
+        received = Received(message.topic, bytes(message.payload), bool(message.retain), time.monotonic())
+        with self._lock:
+            self._messages.append(received)
+
+    def start(self, timeout: float = 10.0) -> Subscriber:
+        """Connect and wait for the first SUBACK."""
+        self._client.connect(HOST, self.port, keepalive=10)
+        self._client.loop_start()
+        if not self._subscribed.wait(timeout):
+            raise AssertionError(f"subscriber {self.client_id} got no SUBACK from port {self.port} in {timeout} s")
+        return self
+
+    def stop(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    def __enter__(self) -> Subscriber:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @property
+    def messages(self) -> list[Received]:
+        """A copy of everything received so far, in arrival order."""
+        with self._lock:
+            return list(self._messages)
+
+    def on(self, topic: str) -> list[Received]:
+        """The messages received on exactly ``topic``."""
+        return [m for m in self.messages if m.topic == topic]
+
+    def wait_for(
+        self, predicate: Callable[[list[Received]], bool], timeout: float = 20.0, what: str = "a condition"
+    ) -> list[Received]:
+        """Poll until ``predicate(messages)`` holds; returns the messages, or fails with what was received."""
+        deadline = time.monotonic() + timeout
+        while True:
+            msgs = self.messages
+            if predicate(msgs):
+                return msgs
+            if time.monotonic() > deadline:
+                tail = "\n".join(f"  {m.topic} retain={m.retain} {m.payload[:80]!r}" for m in msgs[-8:])
+                raise AssertionError(f"timed out after {timeout} s waiting for {what}; {len(msgs)} messages:\n{tail}")
+            time.sleep(0.05)
+
+
+def publish(port: int, topic: str, payload: bytes, *, retain: bool = False, qos: int = 1) -> None:
+    """Publish one message from a throw-away client and wait until the broker has it (QoS 1 PUBACK)."""
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-pub-{uuid.uuid4().hex[:10]}")
+    client.connect(HOST, port, keepalive=10)
+    client.loop_start()
+    try:
+        info = client.publish(topic, payload, qos=qos, retain=retain)
+        info.wait_for_publish(timeout=10.0)
+        if not info.is_published():
+            raise AssertionError(f"publish to {topic} was not acknowledged within 10 s")
+    finally:
+        client.disconnect()
+        client.loop_stop()

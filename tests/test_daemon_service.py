@@ -1,0 +1,199 @@
+"""The daemon as a service: sd_notify, SIGTERM, SIGHUP, MQTT commands, /healthz and /metrics, refused bundles,
+a camera that vanishes and comes back. Real process, real mosquitto, real signed bundle, real photographs."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import cv2
+import pytest
+
+from tests.conftest import SignedBundle
+from tests.daemon_helpers import PREFIX, Daemon, LineVideo, make_line_video, wait_until, write_config
+from tests.mqtt_broker import Broker, Subscriber, free_port, publish
+from tests.test_capture import MjpegServer, jpeg
+
+
+@pytest.fixture(scope="module")
+def line(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> LineVideo:
+    out = tmp_path_factory.mktemp("line") / "line.avi"
+    return make_line_video(shared_data / "mvtec_bottle", out, hold=4, fps=25.0, limit=12)
+
+
+def looping(line: LineVideo) -> dict[str, object]:
+    """A camera that plays the line video forever at its frame rate, like a live camera."""
+    return {"id": "cam0", "source": str(line.video), "roi": list(line.roi), "loop": True, "realtime": True}
+
+
+def last_json(sub: Subscriber, topic: str) -> dict[str, object]:
+    msgs = sub.on(topic)
+    assert msgs, f"nothing on {topic}"
+    return json.loads(msgs[-1].payload)
+
+
+def test_notify_watchdog_and_sigterm(signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path) -> None:
+    """READY=1 after start-up, WATCHDOG=1 while scoring, STOPPING=1 on SIGTERM, exit 0, retained status stopped."""
+    b = signed_bottle_bundle
+    sock_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sock_path))
+    notify.settimeout(30)
+    with Broker(tmp_path / "broker") as broker, Subscriber(broker.port, f"{PREFIX}/#") as sub:
+        config = write_config(tmp_path, b.path, b.public_key, broker.port, [looping(line)])
+        daemon = Daemon(config, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"})
+        seen: list[str] = []
+        while sum(m.startswith("WATCHDOG=1") for m in seen) < 2:
+            seen.append(notify.recv(4096).decode())
+        assert seen[0].startswith("READY=1") and "STATUS=scoring 1 camera(s)" in seen[0]
+        assert daemon.terminate(30) == 0, daemon.text()[-3000:]
+        while not any(m.startswith("STOPPING=1") for m in seen):
+            seen.append(notify.recv(4096).decode())
+        sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 10,
+                     "status stopped")
+    notify.close()
+
+
+def test_commands_health_metrics_and_reload(signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path) -> None:
+    b = signed_bottle_bundle
+    port = free_port()
+    state = f"{PREFIX}/cam0/threshold/state"
+    with Broker(tmp_path / "broker") as broker:
+        # a stale retained command must not re-apply itself at start-up
+        publish(broker.port, f"{PREFIX}/cam0/threshold/set", b'{"threshold": 0.9, "request_id": "stale"}', retain=True)
+        with Subscriber(broker.port, f"{PREFIX}/#") as sub:
+            config = write_config(
+                tmp_path, b.path, b.public_key, broker.port, [looping(line)], http={"bind": f"127.0.0.1:{port}"}
+            )
+            daemon = Daemon(config)
+            sub.wait_for(lambda ms: any(m.topic == state for m in ms), 30, "the retained threshold state")
+            wait_until(lambda: _get(port, "/healthz")[0] == 200, 30, "/healthz 200")
+            first = last_json(sub, state)
+            assert first["threshold"] == 0.5 and first["source"] == "bundle" and first["request_id"] is None
+
+            def answer(request_id: str) -> dict[str, object]:
+                sub.wait_for(lambda ms: any(m.topic == state and request_id.encode() in m.payload for m in ms), 20,
+                             f"the answer to {request_id}")
+                return last_json(sub, state)
+
+            publish(broker.port, f"{PREFIX}/cam0/threshold/set", b'{"threshold": 0.7, "request_id": "r1"}')
+            assert answer("r1") == {"request_id": "r1", "ok": True, "reason": None, "threshold": 0.7, "source": "command"}
+            for rid, payload, reason in [
+                ("r2", b'{"threshold": 1.5, "request_id": "r2"}', "threshold: Input should be less than 1"),
+                ("r3", b'{"threshold": 0.6, "request_id": "r3", "extra": 1}', "extra: unknown key"),
+                ("r4", b'{"request_id": "r4", "threshold": "high"}', "threshold: Input should be a valid number"),
+            ]:
+                publish(broker.port, f"{PREFIX}/cam0/threshold/set", payload)
+                got = answer(rid)
+                assert got["ok"] is False and reason in str(got["reason"]), got
+                assert got["threshold"] == 0.7  # unchanged
+            publish(broker.port, f"{PREFIX}/cam0/threshold/set", b"\xff\xfe not json")
+            sub.wait_for(lambda ms: any(m.topic == state and b"not UTF-8" in m.payload for m in ms), 20, "non-UTF-8")
+            publish(broker.port, f"{PREFIX}/nocam/threshold/set", b'{"threshold": 0.6, "request_id": "r5"}')
+            sub.wait_for(lambda ms: any(b"r5" in m.payload and b"no camera" in m.payload for m in ms), 20, "no camera")
+            publish(broker.port, f"{PREFIX}/model/set", b'{"request_id": "m1", "url": "file:///x", "sha256": "00", '
+                                                        b'"version": "2"}')
+            sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/model/state" and b"m1" in m.payload for m in ms), 20,
+                         "model/state answer")
+            assert last_json(sub, f"{PREFIX}/model/state")["phase"] == "refused"
+            assert not any(b"stale" in m.payload for m in sub.on(state)), "the retained command was applied"
+
+            code, body = _get(port, "/healthz")
+            assert code == 200 and json.loads(body)["status"] in ("ok", "degraded")
+            code, metrics = _get(port, "/metrics")
+            assert code == 200 and 'edge_frames_scored_total{camera="cam0"}' in metrics.decode()
+            assert "edge_mqtt_connected 1.0" in metrics.decode()
+            sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/stats" for m in ms), 20, "stats")
+            stats = last_json(sub, f"{PREFIX}/stats")
+            assert stats["cameras"]["cam0"]["frames_scored"] > 0  # type: ignore[index]
+
+            # SIGHUP: a config with a new threshold; the command's threshold stays (an operator set it on purpose)
+            config.write_text(config.read_text().replace('"loop": true', '"loop": true, "threshold": 0.65'))
+            daemon.proc.send_signal(1)
+            wait_until(lambda: "config reloaded" in daemon.text(), 20, "the reload")
+            assert daemon.alive()
+            publish(broker.port, f"{PREFIX}/cam0/threshold/set", b'{"threshold": null, "request_id": "r6"}')
+            assert answer("r6")["threshold"] == 0.65 and last_json(sub, state)["source"] == "config"
+            # a broken config on SIGHUP is refused and the daemon keeps running
+            config.write_text("device_id: [\n")
+            daemon.proc.send_signal(1)
+            wait_until(lambda: "config not reloaded" in daemon.text(), 20, "the refused reload")
+            assert daemon.alive()
+            assert daemon.terminate(30) == 0, daemon.text()[-3000:]
+
+
+def _get(port: int, path: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+    except OSError:
+        return 0, b""
+
+
+@pytest.mark.parametrize("case", ["untrusted", "unsigned", "tampered"])
+def test_refused_bundles_exit_2_with_the_reason(
+    signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path, case: str
+) -> None:
+    import shutil
+
+    from deploy.signing import generate_keypair
+
+    b = signed_bottle_bundle
+    bundle, trusted = tmp_path / "bundle", b.public_key
+    shutil.copytree(b.path, bundle)
+    if case == "untrusted":
+        trusted = generate_keypair(tmp_path / "other")[1]
+        expected = "signed by an untrusted key"
+    elif case == "unsigned":
+        (bundle / "signature").unlink()
+        expected = "signature"
+    else:
+        with open(bundle / "model.onnx", "ab") as f:
+            f.write(b"\0")
+        expected = "model.onnx"
+    config = write_config(tmp_path, bundle, trusted, free_port(), [looping(line)])
+    daemon = Daemon(config)
+    assert daemon.wait(60) == 2
+    text = daemon.text()
+    assert "refused" in text and expected in text and "Traceback" not in text, text[-2000:]
+
+
+def test_camera_that_vanishes_and_comes_back(
+    signed_bottle_bundle: SignedBundle, shared_data: Path, tmp_path: Path
+) -> None:
+    """An HTTP MJPEG camera on loopback stops and restarts: status offline (reason), then online, scoring resumes."""
+    b = signed_bottle_bundle
+    photos = sorted((shared_data / "mvtec_bottle" / "test" / "good").glob("*.png"))[:4]
+    server = MjpegServer([jpeg(cv2.imread(str(p))) for p in photos], fps=15)
+    server.start()
+    status_topic = f"{PREFIX}/cam1/status"
+    with Broker(tmp_path / "broker") as broker, Subscriber(broker.port, f"{PREFIX}/#") as sub:
+        config = write_config(tmp_path, b.path, b.public_key, broker.port, [{"id": "cam1", "source": server.url}])
+        daemon = Daemon(config)
+        try:
+            def states() -> list[str]:
+                return [json.loads(m.payload)["state"] for m in sub.on(status_topic)]
+
+            wait_until(lambda: "online" in states(), 30, "camera online")
+            server.stop()
+            wait_until(lambda: "offline" in states(), 30, "camera offline")
+            offline = [json.loads(m.payload) for m in sub.on(status_topic)][-1]
+            assert offline["reason"] in ("read_failed", "open_failed", "no_frames") and offline["detail"]
+            server.start()  # same port
+            wait_until(lambda: states()[-1] == "online", 60, "camera online again")
+            sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/stats" for m in ms), 20, "stats")
+            scored = last_json(sub, f"{PREFIX}/stats")["cameras"]["cam1"]["frames_scored"]  # type: ignore[index]
+            wait_until(
+                lambda: last_json(sub, f"{PREFIX}/stats")["cameras"]["cam1"]["frames_scored"] > scored,  # type: ignore[index]
+                30, "scoring to resume",
+            )
+            assert daemon.alive()
+        finally:
+            assert daemon.terminate(30) == 0, daemon.text()[-3000:]
+            server.stop()
