@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR ?= .demo
 SHARED_DATA ?= ../shared/data
 
-.PHONY: install demo test lint typecheck benchmarks-tables clean-demo
+.PHONY: install demo test lint typecheck benchmarks-tables clean-demo mosquitto
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -28,7 +28,7 @@ install: $(VENV)/.installed
 # evaluate on the official test set; then the same on real factory images (MVTec AD bottle),
 # exported as a signed detector bundle and verified; then the daemon watches a "line" video made of
 # the bottle's real test photographs and its events arrive over MQTT from a private broker.
-demo: install
+demo: install mosquitto
 	$(BIN)/edge-trainer datasets prepare mnist --normal-class 3 --out $(DEMO_DIR)/data/mnist-3
 	$(BIN)/edge-trainer train --model ae --data $(DEMO_DIR)/data/mnist-3 --out $(DEMO_DIR)/runs/ae-3 --epochs 3
 	$(BIN)/edge-trainer eval $(DEMO_DIR)/runs/ae-3 --data $(DEMO_DIR)/data/mnist-3
@@ -44,7 +44,14 @@ demo: install
 	$(BIN)/python scripts/demo_line.py --bundle $(DEMO_DIR)/bundles/ae-bottle --trusted $(DEMO_DIR)/keys/demo.pub \
 		--data $(SHARED_DATA)/mvtec_bottle --work $(DEMO_DIR)/line
 
-test: install
+# The demo and the tests start private brokers: Debian's mosquitto (installed here when we may).
+mosquitto:
+	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
+	    else echo "error: mosquitto is missing: sudo apt-get install mosquitto" >&2; exit 1; fi; }
+
+test: install mosquitto
 	$(BIN)/python -m pytest -q
 
 lint: install

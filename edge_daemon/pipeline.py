@@ -197,7 +197,7 @@ class Pipeline:
         for lane in self.lanes.values():
             state = lane.camera.status.state
             if lane.tracker.is_open and state in ("offline", "ended"):
-                reason = "camera_lost" if state == "offline" else "source_ended"
+                reason: EndReason = "camera_lost" if state == "offline" else "source_ended"
                 for message in lane.tracker.close(reason, wall=time.time(), mono=time.monotonic()):
                     self.send(message)
 

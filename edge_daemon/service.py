@@ -220,8 +220,11 @@ class Daemon:
         for cam_id, lane in self.pipeline.lanes.items():
             cam, ev = lane.camera.stats(), lane.tracker.stats()
             out[cam_id] = {
-                "frames_in": cam.get("frames_in"), "frames_dropped": cam.get("frames_dropped"),
-                "frames_scored": lane.scored, "events_opened": ev["events_opened"], "events_closed": ev["events_closed"],
+                "frames_in": cam.get("frames_in"),
+                "frames_dropped": cam.get("frames_dropped"),
+                "frames_scored": lane.scored,
+                "events_opened": ev["events_opened"],
+                "events_closed": ev["events_closed"],
             }
         return out
 

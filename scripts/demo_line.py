@@ -31,7 +31,7 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from line_video import LineVideo, make_line_video  # noqa: E402
-from private_broker import PrivateBroker  # noqa: E402
+from private_broker import Broker, BrokerError  # noqa: E402
 
 DEVICE = "demo-line"
 PREFIX = f"inspect/{DEVICE}"
@@ -59,7 +59,7 @@ class Watcher:
         parts = msg.topic.split("/")
         with self.lock:
             if len(parts) >= 5 and parts[3] == "crop":
-                self.crops[hashlib.sha256(msg.payload).hexdigest()] = msg.payload
+                self.crops[hashlib.sha256(msg.payload).hexdigest()] = bytes(msg.payload)
             elif parts[-1] == "events":
                 self._on_event(json.loads(msg.payload))
             elif parts[-1] == "stats":
@@ -123,7 +123,9 @@ def summarise(video: LineVideo, events: list[dict[str, Any]]) -> dict[str, Any]:
     caught: set[int] = set()
     true_alarms = false_alarms = 0
     for ev in ends:
-        covered = {p.index for p in video.parts if p.first_frame <= ev["last_frame"] and p.last_frame >= ev["first_frame"]}
+        covered = {
+            p.index for p in video.parts if p.first_frame <= ev["last_frame"] and p.last_frame >= ev["first_frame"]
+        }
         if any(video.parts[i].defective for i in covered):
             true_alarms += 1
         else:
@@ -159,10 +161,17 @@ def main() -> int:
         old.unlink()
     video = make_line_video(args.data, work / "line.avi", hold=args.hold)
     n_bad = sum(p.defective for p in video.parts)
-    print(f"line video {video.video}: {video.frames} frames, {len(video.parts)} parts ({n_bad} defective), "
-          f"assembled from the real photographs in {args.data}/test")
-    with PrivateBroker(workdir=work / "broker") as broker:
-        print(f"private MQTT broker ({broker.kind}) on 127.0.0.1:{broker.port}")
+    print(
+        f"line video {video.video}: {video.frames} frames, {len(video.parts)} parts ({n_bad} defective), "
+        f"assembled from the real photographs in {args.data}/test"
+    )
+    try:
+        broker = Broker(work / "broker").start()
+    except BrokerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    with broker:
+        print(f"private MQTT broker (mosquitto) on 127.0.0.1:{broker.port}")
         config = write_config(work, args.bundle, args.trusted, video, broker.port, args.realtime)
         watcher = Watcher(broker.port, work / "crops")
         print(f"edge-daemon run --config {config}   (events below arrive over MQTT)")

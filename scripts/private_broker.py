@@ -1,135 +1,256 @@
-"""A private MQTT broker on a free loopback port, for the demo, the tests and the streaming benchmark.
+"""A private MQTT broker for the demo, the tests and the streaming benchmark: Debian's Mosquitto on a free
+loopback port, with its config, log and (optional) persistence in a work folder.
 
-Debian's ``mosquitto`` is used when it is installed (CI installs it); without it, ``amqtt`` (a pure-Python broker
-from PyPI) when it is importable; otherwise ``BrokerUnavailable`` says what to install. The broker can be stopped,
-killed and restarted on the same port, which is how the tests simulate a plant broker going down.
+    with Broker(Path(".demo/line/broker")) as broker:   # started; waits until the port accepts connections
+        ... broker.port ...
+        broker.restart(kill=True, down_s=1.0)          # a crash and a restart on the same port
+
+A missing mosquitto is an error naming the install command (CI installs it). ``make_test_pki`` makes a throw-away
+CA with server and client certificates for TLS tests.
 """
 
 from __future__ import annotations
 
+import getpass
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
-import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
+
+HOST = "127.0.0.1"
 
 
-class BrokerUnavailable(RuntimeError):
-    """Neither mosquitto nor amqtt is available on this machine."""
+class BrokerError(RuntimeError):
+    """Mosquitto is missing or would not start; the message says why (with its log)."""
+
+
+def mosquitto_path() -> str:
+    """The mosquitto binary (Debian installs it in /usr/sbin, often not on a user's PATH)."""
+    for candidate in ("/usr/sbin/mosquitto", shutil.which("mosquitto")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    raise BrokerError(
+        "mosquitto is not installed (looked in /usr/sbin and on PATH): these tests need a real broker; "
+        "install Debian's package: apt-get install -y mosquitto"
+    )
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
         return int(s.getsockname()[1])
 
 
-def _accepts(port: int) -> bool:
+def _port_open(port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection((HOST, port), timeout=0.2):
             return True
     except OSError:
         return False
 
 
-class PrivateBroker:
-    """``with PrivateBroker() as b: ... b.port``; ``stop()``, ``kill()`` and ``restart()`` keep the port."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throw-away PKI: a CA, a server certificate for 127.0.0.1 and a client certificate (PEM files)."""
 
-    def __init__(self, port: int | None = None, workdir: Path | None = None) -> None:
-        self.port = port or free_port()
-        self._own_dir = workdir is None
-        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="edge-broker-"))
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.kind = self._command_kind()
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
 
-    @staticmethod
-    def _command_kind() -> str:
-        if shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists():
-            return "mosquitto"
-        try:
-            import amqtt  # noqa: F401
-        except ImportError:
-            raise BrokerUnavailable(
-                "no MQTT broker here: install Debian's mosquitto (sudo apt-get install mosquitto) "
-                "or the pure-Python amqtt (pip install amqtt)"
-            ) from None
-        return "amqtt"
 
-    def _command(self) -> list[str]:
-        log = self.workdir / "broker.log"
-        if self.kind == "mosquitto":
-            conf = self.workdir / "mosquitto.conf"
-            conf.write_text(
-                f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                f"log_dest file {log}\nlog_type error\nlog_type warning\nlog_type notice\n"
+def make_test_pki(directory: Path) -> TlsFiles:
+    """Generate a CA and server/client certificates (EC P-256, valid for a day) with ``cryptography``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(cn: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[Path, Path]:
+        cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
             )
-            return [shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)]
-        conf = self.workdir / "amqtt.yaml"
-        conf.write_text(
-            f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{self.port}\n"
-            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n    allow_anonymous: true\n"
         )
-        return [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
+        return cert_path, key_path
 
-    def start(self, timeout_s: float = 10.0) -> PrivateBroker:
-        """Start the broker and wait until it accepts connections."""
-        if self.proc is not None and self.proc.poll() is None:
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(name("edge-inspect test CA"))
+        .issuer_name(name("edge-inspect test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    ca_path, _ = write("ca", ca_cert, ca_key)
+
+    def leaf(cn: str, usage: x509.ObjectIdentifier) -> tuple[Path, Path]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        )
+        if usage == ExtendedKeyUsageOID.SERVER_AUTH:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST)), x509.DNSName("localhost")]),
+                critical=False,
+            )
+        return write(cn, builder.sign(ca_key, hashes.SHA256()), key)
+
+    server_cert, server_key = leaf("server", ExtendedKeyUsageOID.SERVER_AUTH)
+    client_cert, client_key = leaf("client", ExtendedKeyUsageOID.CLIENT_AUTH)
+    return TlsFiles(ca_path, server_cert, server_key, client_cert, client_key)
+
+
+class Broker:
+    """One mosquitto process on a free 127.0.0.1 port, with its config, log and data in ``workdir``.
+
+    ``persistence``: keep sessions, queued QoS 1 messages and retained messages across :meth:`restart`
+    (mosquitto writes them when it stops on SIGTERM; a SIGKILL loses what was not saved).
+    ``allow_anonymous``: False refuses every client (no password file): a broker with bad credentials.
+    ``tls``: serve TLS only, with these files; the client must present a certificate signed by the CA.
+    """
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        persistence: bool = False,
+        allow_anonymous: bool = True,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or free_port()
+        self.persistence = persistence
+        self.allow_anonymous = allow_anonymous
+        self.tls = tls
+        self.log_path = self.workdir / "mosquitto.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def host(self) -> str:
+        return HOST
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _write_config(self) -> Path:
+        lines = [
+            f"listener {self.port} {HOST}",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
+            f"persistence {'true' if self.persistence else 'false'}",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp_format %H:%M:%S",
+        ]
+        if self.persistence:
+            lines.append(f"persistence_location {self.workdir}/")
+        if self.tls is not None:
+            lines += [
+                f"cafile {self.tls.ca}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+                "require_certificate true",
+            ]
+        if os.geteuid() == 0:
+            # As root mosquitto drops to the "mosquitto" user, which could not write our workdir.
+            lines.append(f"user {getpass.getuser()}")
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def start(self, timeout: float = 10.0) -> Broker:
+        """Start mosquitto and wait until its port accepts connections; BrokerError with its log if not."""
+        if self.running:
             return self
-        self.proc = subprocess.Popen(
-            self._command(), stdout=subprocess.DEVNULL, stderr=open(self.workdir / "stderr.log", "ab"),  # noqa: SIM115
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout_s
+        binary = mosquitto_path()
+        conf = self._write_config()
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                err = (self.workdir / "stderr.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} on port {self.port}: {err}")
-            if _accepts(self.port):
+            if self._proc.poll() is not None:
+                raise BrokerError(f"mosquitto exited with {self._proc.returncode} at start:\n{self.log_text()[-2000:]}")
+            if _port_open(self.port):
                 return self
-            time.sleep(0.05)
-        raise RuntimeError(f"{self.kind} did not accept connections on port {self.port} within {timeout_s} s")
+            time.sleep(0.02)
+        self.kill()
+        raise BrokerError(f"mosquitto did not open port {self.port} within {timeout} s:\n{self.log_text()[-2000:]}")
 
-    def _end(self, sig: int) -> None:
-        if self.proc is None:
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM and wait (mosquitto saves its persistence file then)."""
+        if self._proc is None:
             return
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, sig)
+        if self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(10)
+                self._proc.wait(timeout)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
-        deadline = time.monotonic() + 5
-        while _accepts(self.port) and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        """SIGTERM: a clean broker shutdown."""
-        self._end(signal.SIGTERM)
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
 
     def kill(self) -> None:
-        """SIGKILL: the broker vanishes without closing anything (a crash, a pulled cable)."""
-        self._end(signal.SIGKILL)
+        """SIGKILL and wait: clients see the connection drop, nothing is saved."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
 
-    def restart(self) -> PrivateBroker:
-        self.stop()
+    def restart(self, *, kill: bool = False, down_s: float = 0.0) -> None:
+        """Stop (or kill) and start again on the same port, after ``down_s`` seconds down."""
+        if kill:
+            self.kill()
+        else:
+            self.stop()
+        if down_s > 0:
+            time.sleep(down_s)
+        self.start()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> Broker:
         return self.start()
 
-    def close(self) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()
-        if self._own_dir:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def __enter__(self) -> PrivateBroker:
-        return self.start()
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        self.close()

@@ -27,7 +27,9 @@ DEVICE = "line3-cam-a"
 PREFIX = f"inspect/{DEVICE}"
 
 
-def write_config(tmp: Path, bundle: Path, trusted: Path, port: int, cameras: list[dict[str, Any]], **extra: Any) -> Path:
+def write_config(
+    tmp: Path, bundle: Path, trusted: Path, port: int, cameras: list[dict[str, Any]], **extra: Any
+) -> Path:
     """A daemon config in ``tmp``: the bundle, a broker on 127.0.0.1:port, these cameras, state under tmp/state."""
     config: dict[str, Any] = {
         "device_id": DEVICE,

@@ -32,7 +32,10 @@ def cli(*args: str | Path, env: dict[str, str] | None = None) -> subprocess.Comp
 
     return subprocess.run(
         [sys.executable, "-m", "edge_daemon.cli", *map(str, args)],
-        capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
     )
 
 

@@ -56,8 +56,9 @@ def test_video_to_events_and_crops(signed_bottle_bundle: SignedBundle, line: Lin
         config = write_config(tmp_path, b.path, b.public_key, broker.port, [camera(line)])
         daemon = Daemon(config)
         assert daemon.wait(120) == 0, daemon.text()[-3000:]
-        sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 10,
-                     "status stopped")
+        sub.wait_for(
+            lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 10, "status stopped"
+        )
     msgs = sub.messages
     events = check_events_and_crops(msgs, model_sha(b))
     counts = final_counts(daemon)["cam0"]
@@ -71,7 +72,10 @@ def test_video_to_events_and_crops(signed_bottle_bundle: SignedBundle, line: Lin
     # the events are about defective parts: at least one covers a defective photograph
     defective = {p.index for p in line.parts if p.defective}
     covered = {
-        p.index for e in ends for p in line.parts if p.first_frame <= e["last_frame"] and p.last_frame >= e["first_frame"]
+        p.index
+        for e in ends
+        for p in line.parts
+        if p.first_frame <= e["last_frame"] and p.last_frame >= e["first_frame"]
     }
     assert covered & defective, "no event on any defective part"
     # retained state: online first, info naming the model, stopped at the end
@@ -84,9 +88,7 @@ def test_video_to_events_and_crops(signed_bottle_bundle: SignedBundle, line: Lin
     assert "online" in cam_status and cam_status[-1] == "ended"
 
 
-def test_broker_outages_lose_nothing(
-    signed_bottle_bundle: SignedBundle, shared_data: Path, tmp_path: Path
-) -> None:
+def test_broker_outages_lose_nothing(signed_bottle_bundle: SignedBundle, shared_data: Path, tmp_path: Path) -> None:
     """The broker is down at start, then killed (SIGKILL) twice mid-run: every event arrives exactly once after
     de-duplication, in order, and those held back by an outage are flagged replayed."""
     b = signed_bottle_bundle
@@ -94,9 +96,10 @@ def test_broker_outages_lose_nothing(
     # Persistence keeps the subscriber's session across restarts, as a plant broker does. Its subscription is
     # saved by the clean stop below; each kill waits until the subscriber is back, so that the broker never dies
     # holding messages it queued for an absent subscriber (that loss would be the broker's, not ours).
-    with Broker(tmp_path / "broker", persistence=True) as broker, Subscriber(
-        broker.port, f"{PREFIX}/#", client_id="outage-watcher"
-    ) as sub:
+    with (
+        Broker(tmp_path / "broker", persistence=True) as broker,
+        Subscriber(broker.port, f"{PREFIX}/#", client_id="outage-watcher") as sub,
+    ):
         broker.stop()
         config = write_config(tmp_path, b.path, b.public_key, broker.port, [camera(line, realtime=True)])
         daemon = Daemon(config)
@@ -109,8 +112,9 @@ def test_broker_outages_lose_nothing(
                 broker.kill()
                 time.sleep(1.0)
         assert daemon.wait(120) == 0, daemon.text()[-3000:]
-        sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 20,
-                     "status stopped")
+        sub.wait_for(
+            lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 20, "status stopped"
+        )
     events = check_events_and_crops(sub.messages, model_sha(b))
     counts = final_counts(daemon)["cam0"]
     starts = [e for e in events if e["type"] == "start"]
@@ -149,12 +153,15 @@ def test_sigkill_with_a_full_spool_replays_after_restart(
         with Subscriber(broker.port, f"{PREFIX}/#") as sub:
             again = Daemon(config)
             assert again.wait(120) == 0, again.text()[-3000:]
-            sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 20,
-                         "status stopped")
+            sub.wait_for(
+                lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms),
+                20,
+                "status stopped",
+            )
     got = [(m.topic, m.payload) for m in sub.messages if "/events" in m.topic or "/crop/" in m.topic]
     replayed = [(t, p) for t, p in got[: len(before)]]
     assert [t for t, _ in replayed] == [f"{PREFIX}/{t}" if not t.startswith(PREFIX) else t for t, _ in before]
-    for (_, sent), (_, stored) in zip(replayed, before):
+    for (_, sent), (_, stored) in zip(replayed, before, strict=True):
         if sent[:1] == b"{":
             ev, orig = json.loads(sent), json.loads(stored)
             assert ev.pop("replayed") is True

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -53,12 +52,15 @@ def test_notify_watchdog_and_sigterm(signed_bottle_bundle: SignedBundle, line: L
         assert daemon.terminate(30) == 0, daemon.text()[-3000:]
         while not any(m.startswith("STOPPING=1") for m in seen):
             seen.append(notify.recv(4096).decode())
-        sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 10,
-                     "status stopped")
+        sub.wait_for(
+            lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 10, "status stopped"
+        )
     notify.close()
 
 
-def test_commands_health_metrics_and_reload(signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path) -> None:
+def test_commands_health_metrics_and_reload(
+    signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path
+) -> None:
     b = signed_bottle_bundle
     port = free_port()
     state = f"{PREFIX}/cam0/threshold/state"
@@ -76,12 +78,21 @@ def test_commands_health_metrics_and_reload(signed_bottle_bundle: SignedBundle, 
             assert first["threshold"] == 0.5 and first["source"] == "bundle" and first["request_id"] is None
 
             def answer(request_id: str) -> dict[str, object]:
-                sub.wait_for(lambda ms: any(m.topic == state and request_id.encode() in m.payload for m in ms), 20,
-                             f"the answer to {request_id}")
+                sub.wait_for(
+                    lambda ms: any(m.topic == state and request_id.encode() in m.payload for m in ms),
+                    20,
+                    f"the answer to {request_id}",
+                )
                 return last_json(sub, state)
 
             publish(broker.port, f"{PREFIX}/cam0/threshold/set", b'{"threshold": 0.7, "request_id": "r1"}')
-            assert answer("r1") == {"request_id": "r1", "ok": True, "reason": None, "threshold": 0.7, "source": "command"}
+            assert answer("r1") == {
+                "request_id": "r1",
+                "ok": True,
+                "reason": None,
+                "threshold": 0.7,
+                "source": "command",
+            }
             for rid, payload, reason in [
                 ("r2", b'{"threshold": 1.5, "request_id": "r2"}', "threshold: Input should be less than 1"),
                 ("r3", b'{"threshold": 0.6, "request_id": "r3", "extra": 1}', "extra: unknown key"),
@@ -95,10 +106,16 @@ def test_commands_health_metrics_and_reload(signed_bottle_bundle: SignedBundle, 
             sub.wait_for(lambda ms: any(m.topic == state and b"not UTF-8" in m.payload for m in ms), 20, "non-UTF-8")
             publish(broker.port, f"{PREFIX}/nocam/threshold/set", b'{"threshold": 0.6, "request_id": "r5"}')
             sub.wait_for(lambda ms: any(b"r5" in m.payload and b"no camera" in m.payload for m in ms), 20, "no camera")
-            publish(broker.port, f"{PREFIX}/model/set", b'{"request_id": "m1", "url": "file:///x", "sha256": "00", '
-                                                        b'"version": "2"}')
-            sub.wait_for(lambda ms: any(m.topic == f"{PREFIX}/model/state" and b"m1" in m.payload for m in ms), 20,
-                         "model/state answer")
+            publish(
+                broker.port,
+                f"{PREFIX}/model/set",
+                b'{"request_id": "m1", "url": "file:///x", "sha256": "00", "version": "2"}',
+            )
+            sub.wait_for(
+                lambda ms: any(m.topic == f"{PREFIX}/model/state" and b"m1" in m.payload for m in ms),
+                20,
+                "model/state answer",
+            )
             assert last_json(sub, f"{PREFIX}/model/state")["phase"] == "refused"
             assert not any(b"stale" in m.payload for m in sub.on(state)), "the retained command was applied"
 
@@ -177,6 +194,7 @@ def test_camera_that_vanishes_and_comes_back(
         config = write_config(tmp_path, b.path, b.public_key, broker.port, [{"id": "cam1", "source": server.url}])
         daemon = Daemon(config)
         try:
+
             def states() -> list[str]:
                 return [json.loads(m.payload)["state"] for m in sub.on(status_topic)]
 
@@ -191,7 +209,8 @@ def test_camera_that_vanishes_and_comes_back(
             scored = last_json(sub, f"{PREFIX}/stats")["cameras"]["cam1"]["frames_scored"]  # type: ignore[index]
             wait_until(
                 lambda: last_json(sub, f"{PREFIX}/stats")["cameras"]["cam1"]["frames_scored"] > scored,  # type: ignore[index]
-                30, "scoring to resume",
+                30,
+                "scoring to resume",
             )
             assert daemon.alive()
         finally:

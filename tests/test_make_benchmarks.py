@@ -276,3 +276,38 @@ def test_throughput_records_have_their_own_table_and_schema(tmp_path: Path, resu
     proc = _run(tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "'ort_images_per_s_b8'" in proc.stderr and "'auroc'" in proc.stderr
+
+
+def test_settings_make_a_distinct_row(tmp_path: Path, results: Path) -> None:
+    # ede with its defaults and two ablation variants: three rows, none superseding another.
+    recs = [_record("mnist-oneclass", "ede", 0, 0.98, date="2025-01-02")]
+    recs.append(_record("mnist-oneclass", "ede", 0, 0.95, settings={"variant": "ae"}, checkpoint_epoch=3))
+    recs.append(_record("mnist-oneclass", "ede", 0, 0.96, settings={"variant": "one_ede", "lr": 0.001}))
+    recs.append(_record("industrial", "cbigan", "magnetic_tile", 0.8, settings={"mode": "texture"}))
+    recs.append(_record("mnist-oneclass", "oclr", 1, 0.9, settings={}))  # empty = the defaults
+    (results / "c.json").write_text(json.dumps(recs))
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "bench.md").read_text()
+    assert _row(text, "ede")[1] == "0.980"
+    assert _row(text, "ede[variant=ae]")[1:3] == ["0.950", "–"]
+    assert _row(text, "ede[lr=0.001,variant=one_ede]")[1] == "0.960"  # keys sorted, numbers as JSON
+    assert _row(text, "magnetic_tile", "cbigan[mode=texture]")[2] == "0.800"
+    assert _row(text, "oclr")[2] == "0.900"
+    models = [ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith("| ede")]
+    assert models == ["ede", "ede[lr=0.001,variant=one_ede]", "ede[variant=ae]"]
+
+
+def test_bad_settings_are_clear_errors(tmp_path: Path, results: Path) -> None:
+    bad = [
+        _record("elpv", "ae", "all", 0.6, settings="variant=ae"),
+        _record("elpv", "ae", "mono", 0.6, settings={"variant": ["ae"]}),
+        _record("elpv", "ae", "poly", 0.6, checkpoint_epoch=-1),
+    ]
+    (results / "c.json").write_text(json.dumps(bad))
+    proc = _run(tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert any("record 0" in ln and "'settings'" in ln for ln in lines), lines
+    assert any("record 1" in ln and "'settings'" in ln for ln in lines), lines
+    assert any("record 2" in ln and "'checkpoint_epoch'" in ln for ln in lines), lines
