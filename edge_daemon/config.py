@@ -100,6 +100,7 @@ class EventsConfig(_Section):
 
 class CropConfig(_Section):
     padding: float = Field(default=0.15, ge=0, le=2)
+    min_side: int = Field(default=96, ge=0, le=8192, description="least crop width/height, px (context)")
     max_side: int = Field(default=512, ge=16, le=8192)
     jpeg_quality: int = Field(default=90, ge=1, le=100)
 

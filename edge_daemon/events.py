@@ -73,17 +73,22 @@ class EventTuning:
 @dataclass(frozen=True)
 class CropTuning:
     """How crops are cut: ``padding`` is the fraction of the box's width/height added on each side,
-    ``max_side`` (px) the longest side after downscaling, ``jpeg_quality`` 1..100."""
+    ``min_side`` (px) the least width and height of the cut (grown around the box, within the frame: a small
+    defect still comes with enough of the part around it for a person to place it), ``max_side`` (px) the
+    longest side after downscaling, ``jpeg_quality`` 1..100."""
 
     padding: float = 0.15
     max_side: int = 512
     jpeg_quality: int = 90
+    min_side: int = 96
 
     def __post_init__(self) -> None:
         if not self.padding >= 0:
             raise ValueError(f"crop padding must be >= 0, got {self.padding}")
         if self.max_side < 1:
             raise ValueError(f"crop max_side must be >= 1, got {self.max_side}")
+        if self.min_side < 0:
+            raise ValueError(f"crop min_side must be >= 0, got {self.min_side}")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError(f"jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
@@ -180,24 +185,39 @@ def anomaly_box(amap: np.ndarray, frame_shape: tuple[int, int], roi: tuple[int, 
     return x0, y0, x1 - x0, y1 - y0
 
 
-def padded_box(box: Box, padding: float, frame_shape: tuple[int, int]) -> Box:
-    """``box`` grown by ``padding`` x its width (height) on each side, clamped to the frame (at least 1x1 px)."""
+def padded_box(box: Box, padding: float, frame_shape: tuple[int, int], min_side: int = 0) -> Box:
+    """``box`` grown by ``padding`` x its width (height) on each side, then to at least ``min_side`` px wide and
+    high around its centre (shifted, not cut, at the frame's edges), clamped to the frame (at least 1x1 px)."""
     fh, fw = int(frame_shape[0]), int(frame_shape[1])
     x, y, w, h = (int(v) for v in box)
     w, h = max(w, 1), max(h, 1)
     px, py = int(round(w * padding)), int(round(h * padding))
-    x0, y0 = min(max(x - px, 0), fw - 1), min(max(y - py, 0), fh - 1)
-    x1, y1 = min(max(x + w + px, x0 + 1), fw), min(max(y + h + py, y0 + 1), fh)
+    x0, x1 = _grow(x - px, x + w + px, min_side, fw)
+    y0, y1 = _grow(y - py, y + h + py, min_side, fh)
     return x0, y0, x1 - x0, y1 - y0
 
 
-def cut_crop(frame: np.ndarray, box: Box, padding: float, max_side: int) -> np.ndarray:
+def _grow(lo: int, hi: int, min_len: int, limit: int) -> tuple[int, int]:
+    """The span [lo, hi) grown to ``min_len`` around its centre and moved inside [0, limit), at least 1 long."""
+    if hi - lo < min_len:
+        centre = (lo + hi) / 2
+        lo, hi = int(round(centre - min_len / 2)), int(round(centre - min_len / 2)) + min_len
+        if lo < 0:
+            lo, hi = 0, hi - lo
+        if hi > limit:
+            lo, hi = lo - (hi - limit), limit
+    lo = min(max(lo, 0), limit - 1)
+    hi = min(max(hi, lo + 1), limit)
+    return lo, hi
+
+
+def cut_crop(frame: np.ndarray, box: Box, padding: float, max_side: int, min_side: int = 0) -> np.ndarray:
     """The padded ``box`` (see :func:`padded_box`) cut from ``frame`` (H, W[, C]) and, if its longer side
     exceeds ``max_side`` px, downscaled (INTER_AREA, aspect kept) to fit. Always a new array: the caller
     may reuse its frame buffer afterwards."""
     if frame.ndim not in (2, 3) or frame.shape[0] < 1 or frame.shape[1] < 1:
         raise ValueError(f"frame must be a non-empty (H, W) or (H, W, C) image, got shape {tuple(frame.shape)}")
-    x, y, w, h = padded_box(box, padding, frame.shape[:2])
+    x, y, w, h = padded_box(box, padding, frame.shape[:2], min_side)
     region = frame[y : y + h, x : x + w]
     scale = max_side / max(w, h)
     if scale >= 1.0:
@@ -476,7 +496,9 @@ class EventTracker:
 
     def _cut(self, frame: np.ndarray, region: Box) -> np.ndarray | None:
         try:
-            return cut_crop(frame, region, self.crop_tuning.padding, self.crop_tuning.max_side)
+            return cut_crop(
+                frame, region, self.crop_tuning.padding, self.crop_tuning.max_side, self.crop_tuning.min_side
+            )
         except (ValueError, cv2.error) as exc:
             self._stats["crop_errors"] += 1
             log.warning("camera %s: no crop for this frame: %s", self.camera_id, exc)

@@ -84,7 +84,7 @@ def event_tuning(config: DaemonConfig) -> tuple[EventTuning, CropTuning]:
     e, c = config.events, config.crop
     return (
         EventTuning(e.open_frames, e.close_frames, e.max_seconds, e.min_gap_s, e.update_interval_s),
-        CropTuning(c.padding, c.max_side, c.jpeg_quality),
+        CropTuning(c.padding, c.max_side, c.jpeg_quality, c.min_side),
     )
 
 
@@ -214,7 +214,8 @@ class Daemon:
         return 0
 
     def final_counts(self) -> dict[str, Any]:
-        """Per camera: frames captured, dropped and scored, events opened and closed (the log's last line)."""
+        """Per camera: frames captured, dropped and scored, events opened and closed, capture-to-outbox latency
+        percentiles over the last frames, ms (the log's last line)."""
         assert self.pipeline is not None
         out: dict[str, Any] = {}
         for cam_id, lane in self.pipeline.lanes.items():
@@ -225,6 +226,8 @@ class Daemon:
                 "frames_scored": lane.scored,
                 "events_opened": ev["events_opened"],
                 "events_closed": ev["events_closed"],
+                "latency_p50_ms": percentile_ms(lane.latencies_s, 50),
+                "latency_p99_ms": percentile_ms(lane.latencies_s, 99),
             }
         return out
 

@@ -225,6 +225,17 @@ def test_cut_crop_pads_clamps_and_fits_max_side(tile_case: Case) -> None:
         cut_crop(np.zeros((0, 0, 3), np.uint8), box, 0.15, 64)
 
 
+def test_small_defects_come_with_context(tile_case: Case) -> None:
+    """min_side grows a tiny box around its centre, and shifts it (never cuts it) at the frame's edges."""
+    frame = tile_case.frame  # 1280 x 720
+    assert padded_box((600, 300, 10, 10), 0.15, frame.shape[:2], 96) == (557, 257, 96, 96)
+    assert padded_box((2, 3, 10, 10), 0.15, frame.shape[:2], 96) == (0, 0, 96, 96)
+    assert padded_box((1275, 715, 5, 5), 0.0, frame.shape[:2], 96) == (1184, 624, 96, 96)
+    assert padded_box((600, 300, 200, 100), 0.0, frame.shape[:2], 96) == (600, 300, 200, 100)  # big: unchanged
+    assert padded_box((10, 10, 5, 5), 0.0, (50, 40), 96) == (0, 0, 40, 50)  # a frame smaller than min_side
+    assert cut_crop(frame, (600, 300, 10, 10), 0.15, 512, 96).shape == (96, 96, 3)
+
+
 # ----------------------------------------------------------------------------------- driving the tracker
 
 
@@ -337,7 +348,7 @@ def test_start_crop_of_a_real_defect(pitting_case: Case, tile_case: Case) -> Non
 
         region = (e["region"]["x"], e["region"]["y"], e["region"]["w"], e["region"]["h"])
         assert iou(region, case.true_box) > 0.7, (case.name, region, case.true_box)
-        padded = padded_box(region, 0.15, FRAME_SHAPE)
+        padded = padded_box(region, 0.15, FRAME_SHAPE, CropTuning().min_side)
         assert contains(padded, case.true_box), (case.name, padded, case.true_box)
 
         jpeg = decode(crop_msg.payload)

@@ -1,0 +1,243 @@
+"""Streaming benchmark (DESIGN.md, "Benchmark protocols"): the daemon on a video at full speed, against two
+baselines measured in the same run on the same frames.
+
+    python scripts/bench_streaming.py --bundle .demo/bundles/ae-bottle --trusted .demo/keys/demo.pub \
+        --data ../shared/data/mvtec_bottle --cameras 1,4 --results docs/results/streaming.json
+
+For each camera count N (every camera plays the same line video of real photographs, losslessly, as fast as it
+is scored):
+- raw backend: ONNX Runtime (one thread, no spinning) on pre-decoded, pre-processed frames, N frames per call;
+- minimal loop: one thread doing decode -> ROI -> preprocess -> backend (N frames per call) -> calibrate, the
+  least a daemon must do;
+- daemon: the real ``edge-daemon run`` process with a private mosquitto, timed from READY=1 (sd_notify) to its
+  "pipeline ended" log line; CPU time and peak RSS of the process over that span from /proc; capture-to-outbox
+  latency percentiles from its final log line.
+Ratios daemon / loop and daemon / raw are per wall-clock second and per CPU-second (cores used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+from line_video import LineVideo, make_line_video  # noqa: E402
+from private_broker import Broker  # noqa: E402
+
+from deploy.bundle import verify_bundle_details  # noqa: E402
+from deploy.parity import onnxruntime_runner  # noqa: E402
+from deploy.preprocess import preprocess  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _frames(video: LineVideo) -> list[np.ndarray]:
+    cap = cv2.VideoCapture(str(video.video))
+    out = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        out.append(frame)
+    return out
+
+
+def raw_backend_fps(onnx: Path, inputs: np.ndarray, batch: int, seconds: float = 3.0) -> float:
+    """Frames/s of ONNX Runtime alone on pre-processed frames, ``batch`` per call."""
+    run = onnxruntime_runner(onnx)
+    run(inputs[:batch])
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for i in range(0, len(inputs) - batch + 1, batch):
+            run(inputs[i : i + batch])
+            n += batch
+    return n / (time.perf_counter() - t0)
+
+
+def minimal_loop_fps(video: LineVideo, onnx: Path, bundle_dir: Path, cameras: int) -> tuple[float, float]:
+    """(frames/s, CPU cores used) of one thread: decode N cameras -> ROI -> preprocess -> backend -> calibrate."""
+    manifest = verify_bundle_details(bundle_dir, [], require_signature=False).manifest
+    spec, cal = manifest.input.to_input_spec(), manifest.calibration
+    run = onnxruntime_runner(onnx)
+    x, y, w, h = video.roi
+    caps = [cv2.VideoCapture(str(video.video), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1]) for _ in range(cameras)]
+    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    while True:
+        batch = []
+        for cap in caps:
+            ok, frame = cap.read()
+            if ok:
+                batch.append(preprocess(frame[y : y + h, x : x + w], spec))
+        if not batch:
+            break
+        raw, _ = run(np.stack(batch))
+        cal.normalise(raw)
+        n += len(batch)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return n / wall, cpu / wall
+
+
+def daemon_run(video: LineVideo, bundle: Path, trusted: Path, cameras: int, work: Path) -> dict[str, Any]:
+    """Run the real daemon on ``cameras`` copies of the video; returns fps, CPU, RSS and latency figures."""
+    work.mkdir(parents=True, exist_ok=True)
+    notify_path = work / "notify.sock"
+    notify_path.unlink(missing_ok=True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    notify.settimeout(120)
+    with Broker(work / "broker") as broker:
+        config = {
+            "device_id": "bench",
+            "bundle": str(bundle),
+            "trusted_keys": [str(trusted)],
+            "state_dir": str(work / "state"),
+            "backend": "onnxruntime",
+            "mqtt": {"host": "127.0.0.1", "port": broker.port},
+            "cameras": [{"id": f"cam{i}", "source": str(video.video), "roi": list(video.roi)} for i in range(cameras)],
+            "spool": {"path": str(work / "state" / "spool.db")},
+            "http": {"bind": None},
+        }
+        (work / "config.yaml").write_text(json.dumps(config))
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_daemon.cli", "run", "--config", str(work / "config.yaml")],
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
+            cwd=REPO,
+        )
+        marks: dict[str, Any] = {}
+        lines: list[str] = []
+
+        def read_stderr() -> None:
+            assert proc.stderr is not None
+            for line in proc.stderr:
+                lines.append(line)
+                if "pipeline ended" in line:
+                    marks["end"] = (time.perf_counter(), _cpu_seconds(proc.pid), _peak_rss_mb(proc.pid))
+
+        reader = threading.Thread(target=read_stderr, daemon=True)
+        reader.start()
+        while not notify.recv(4096).startswith(b"READY=1"):
+            pass
+        t_ready, cpu_ready = time.perf_counter(), _cpu_seconds(proc.pid)
+        rc = proc.wait(300)
+        reader.join(10)
+    notify.close()
+    if rc != 0 or "end" not in marks:
+        raise RuntimeError(f"daemon exit {rc}:\n{''.join(lines)[-3000:]}")
+    final = json.loads(next(ln for ln in reversed(lines) if "final: " in ln).split("final: ", 1)[1])
+    t_end, cpu_end, rss = marks["end"]
+    frames = sum(c["frames_scored"] for c in final.values())
+    wall = t_end - t_ready
+    return {
+        "fps": frames / wall,
+        "frames": frames,
+        "dropped": sum(c["frames_dropped"] for c in final.values()),
+        "cpu_cores": (cpu_end - cpu_ready) / wall,
+        "rss_mb": rss,
+        "latency_p50_ms": float(np.median([c["latency_p50_ms"] for c in final.values()])),
+        "latency_p99_ms": float(max(c["latency_p99_ms"] for c in final.values())),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True)
+    p.add_argument("--trusted", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--cameras", default="1,4")
+    p.add_argument("--hold", type=int, default=10, help="frames per part (83 parts)")
+    p.add_argument("--repeat", type=int, default=3, help="runs per configuration; the median is kept")
+    p.add_argument("--results", type=Path, required=True)
+    args = p.parse_args()
+
+    bundle = args.bundle.resolve()
+    onnx = bundle / "model.onnx"
+    manifest = verify_bundle_details(bundle, [args.trusted]).manifest
+    with tempfile.TemporaryDirectory(prefix="bench-stream-") as tmp:
+        video = make_line_video(args.data, Path(tmp) / "line.avi", hold=args.hold)
+        spec = manifest.input.to_input_spec()
+        x, y, w, h = video.roi
+        inputs = np.stack([preprocess(f[y : y + h, x : x + w], spec) for f in _frames(video)])
+        records = []
+        for n in [int(c) for c in args.cameras.split(",")]:
+            runs = []
+            for r in range(args.repeat):
+                raw = raw_backend_fps(onnx, inputs, batch=n)
+                loop_fps, loop_cores = minimal_loop_fps(video, onnx, bundle, n)
+                d = daemon_run(video, bundle, args.trusted.resolve(), n, Path(tmp) / f"d{n}-{r}")
+                runs.append({"raw_fps": raw, "loop_fps": loop_fps, "loop_cores": loop_cores, **d})
+                print(
+                    f"{n} camera(s) run {r}: daemon {d['fps']:.0f} fps ({d['cpu_cores']:.2f} cores, "
+                    f"p50 {d['latency_p50_ms']:.1f} ms, p99 {d['latency_p99_ms']:.1f} ms, {d['rss_mb']:.0f} MB), "
+                    f"loop {loop_fps:.0f} fps ({loop_cores:.2f} cores), raw backend {raw:.0f} fps",
+                    flush=True,
+                )
+            med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+            records.append(
+                {
+                    "protocol": "streaming",
+                    "model": str(manifest.model.get("name")),
+                    "normal_class": f"{n} camera(s)",
+                    "cameras": n,
+                    "image_size": spec.height,
+                    "frames_per_run": int(med["frames"]),
+                    "repeats": args.repeat,
+                    "daemon_fps": med["fps"],
+                    "loop_fps": med["loop_fps"],
+                    "raw_fps": med["raw_fps"],
+                    "daemon_vs_loop": med["fps"] / med["loop_fps"],
+                    "daemon_vs_raw": med["fps"] / med["raw_fps"],
+                    "daemon_cores": med["cpu_cores"],
+                    "loop_cores": med["loop_cores"],
+                    "daemon_vs_loop_per_core": (med["fps"] / med["cpu_cores"]) / (med["loop_fps"] / med["loop_cores"]),
+                    "latency_p50_ms": med["latency_p50_ms"],
+                    "latency_p99_ms": med["latency_p99_ms"],
+                    "rss_mb": med["rss_mb"],
+                    "dropped": int(med["dropped"]),
+                    "device": "cpu",
+                    "machine": f"{os.cpu_count()} CPU cores, {platform.machine()}, {platform.processor() or ''}".strip(
+                        ", "
+                    ),
+                    "commit": os.environ.get("BENCH_COMMIT")
+                    or subprocess.run(
+                        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+                    ).stdout.strip(),
+                    "command": "python scripts/bench_streaming.py " + " ".join(sys.argv[1:]),
+                    "date": time.strftime("%Y-%m-%d"),
+                }
+            )
+    args.results.write_text(json.dumps(records, indent=1) + "\n")
+    print(f"wrote {args.results}")
+
+
+if __name__ == "__main__":
+    main()
