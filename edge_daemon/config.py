@@ -142,6 +142,9 @@ class DaemonConfig(BaseSettings):
     backend: Literal["auto", "tensorrt", "onnxruntime"] = "auto"
     tensorrt_precision: Literal["fp16", "fp32"] = Field(default="fp16", description="engines built on the device")
     engine_build_timeout_s: float = Field(default=3600, gt=0, description="give up a TensorRT build after this")
+    workers: int = Field(
+        default=1, ge=1, le=16, description="scoring threads, one per core to use; each owns a share of the cameras"
+    )
     max_batch: int = Field(default=8, ge=1, le=64, description="frames of several cameras scored in one call")
     mqtt: MqttConfig = Field(default_factory=MqttConfig)
     cameras: list[CameraConfig] = Field(min_length=1)

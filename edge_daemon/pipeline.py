@@ -213,3 +213,64 @@ def percentile_ms(values: Sequence[float] | deque[float], q: float) -> float | N
     if not values:
         return None
     return float(np.percentile(np.fromiter(values, dtype=np.float64), q) * 1000.0)
+
+
+class PipelinePool:
+    """Several pipelines on as many threads, each owning a share of the cameras and its own backend session.
+
+    ONNX Runtime and OpenCV release the GIL, so two single-threaded workers use two cores (DESIGN.md: one
+    single-threaded worker per core). A camera belongs to exactly one worker, so its frames are scored and its
+    events emitted in capture order. With one worker this is just the one pipeline on the calling thread.
+    """
+
+    def __init__(self, pipelines: Sequence[Pipeline]) -> None:
+        if not pipelines:
+            raise ValueError("a pool needs at least one pipeline")
+        self.pipelines = list(pipelines)
+        self.lanes = {cam_id: lane for p in self.pipelines for cam_id, lane in p.lanes.items()}
+        self._owner = {cam_id: p for p in self.pipelines for cam_id in p.lanes}
+
+    @property
+    def backend(self) -> Backend:
+        return self.pipelines[0].backend
+
+    @property
+    def heartbeat(self) -> float:
+        return min(p.heartbeat for p in self.pipelines)
+
+    @property
+    def backend_errors(self) -> int:
+        return sum(p.backend_errors for p in self.pipelines)
+
+    @property
+    def last_error(self) -> str | None:
+        return next((p.last_error for p in self.pipelines if p.last_error), None)
+
+    def set_threshold(self, camera_id: str, threshold: float, source: str) -> None:
+        self._owner[camera_id].set_threshold(camera_id, threshold, source)
+
+    def request_swap(self, backends: Sequence[Backend], bundle: LoadedBundle) -> None:
+        """One backend per worker (each its own session), all for ``bundle``; applied between batches."""
+        if len(backends) != len(self.pipelines):
+            raise ValueError(f"{len(self.pipelines)} workers need as many backends, got {len(backends)}")
+        for pipeline, backend in zip(self.pipelines, backends, strict=True):
+            pipeline.request_swap(backend, bundle)
+
+    def close_all(self, reason: EndReason) -> None:
+        for p in self.pipelines:
+            p.close_all(reason)
+
+    def run(self, stop: threading.Event) -> str:
+        """Run every worker until ``stop`` ("stopped") or until all their cameras ended ("ended")."""
+        outcomes: list[str] = []
+        threads = [
+            threading.Thread(target=lambda p=p: outcomes.append(p.run(stop)), name=f"scorer-{i}", daemon=True)
+            for i, p in enumerate(self.pipelines[1:], start=1)
+        ]
+        for t in threads:
+            t.start()
+        outcomes.append(self.pipelines[0].run(stop))
+        for t in threads:
+            while t.is_alive():  # a timed join keeps the main thread responsive to signals
+                t.join(0.2)
+        return "ended" if all(o == "ended" for o in outcomes) and not stop.is_set() else "stopped"

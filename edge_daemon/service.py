@@ -26,7 +26,14 @@ from typing import Any
 
 from deploy.manifest import BundleError
 from edge_daemon import __version__
-from edge_daemon.backends import Backend, BackendError, BackendUnavailable, EngineBuild, select_backend
+from edge_daemon.backends import (
+    Backend,
+    BackendError,
+    BackendUnavailable,
+    EngineBuild,
+    another_backend,
+    select_backend,
+)
 from edge_daemon.backends import finish_build as finish_engine_build
 from edge_daemon.capture.camera import Camera, CameraStatus
 from edge_daemon.commands import CommandError, ModelRollback, ModelSet, ThresholdSet, parse_command, request_id_of
@@ -36,7 +43,7 @@ from edge_daemon.http import HealthServer
 from edge_daemon.model import LoadedBundle, load_bundle
 from edge_daemon.mqtt import MqttLink, MqttSettings
 from edge_daemon.notify import Notifier
-from edge_daemon.pipeline import DEFAULT_THRESHOLD, CameraLane, Pipeline, percentile_ms
+from edge_daemon.pipeline import DEFAULT_THRESHOLD, CameraLane, Pipeline, PipelinePool, percentile_ms
 from edge_daemon.spool import Spool
 
 log = logging.getLogger("edge_daemon")
@@ -97,11 +104,12 @@ class Daemon:
         self.notifier = notifier or Notifier()
         self.stop_event = threading.Event()
         self.reload_requested = threading.Event()
-        self.frame_ready = threading.Event()
+        self.workers = max(1, min(config.workers, len(config.cameras)))
+        self.frame_events = [threading.Event() for _ in range(self.workers)]  # one per scoring worker
         self.started = time.time()
         self.bundle: LoadedBundle | None = None
         self.build: EngineBuild | None = None
-        self.pipeline: Pipeline | None = None
+        self.pipeline: PipelinePool | None = None
         self.link: MqttLink | None = None
         self.spool: Spool | None = None
         self.cameras: dict[str, Camera] = {}
@@ -143,9 +151,10 @@ class Daemon:
         link = MqttLink(mqtt_settings(cfg), self.spool, command_topics=COMMAND_TOPICS, on_command=self._on_command)
         return link
 
-    def _start_cameras(self, tuning: EventTuning, crop: CropTuning) -> list[CameraLane]:
-        lanes = []
-        for cam in self.config.cameras:
+    def _start_cameras(self, tuning: EventTuning, crop: CropTuning) -> list[list[CameraLane]]:
+        """The cameras' lanes, dealt round-robin to the scoring workers."""
+        lanes: list[list[CameraLane]] = [[] for _ in range(self.workers)]
+        for i, cam in enumerate(self.config.cameras):
             camera = Camera(
                 cam.id,
                 cam.source,
@@ -154,7 +163,7 @@ class Daemon:
                 fps_cap=cam.fps_cap,
                 roi=cam.roi,
                 expected_fps=cam.expected_fps,
-                frame_ready=self.frame_ready,
+                frame_ready=self.frame_events[i % self.workers],
                 on_status=self._on_camera_status,
             )
             self.cameras[cam.id] = camera
@@ -162,7 +171,9 @@ class Daemon:
                 (cam.threshold, "config") if cam.threshold is not None else (DEFAULT_THRESHOLD, "bundle")
             )
             tracker = EventTracker(cam.id, self.config.device_id, tuning, crop)
-            lanes.append(CameraLane(camera, tracker, roi=cam.roi, threshold=threshold, threshold_source=source))
+            lanes[i % self.workers].append(
+                CameraLane(camera, tracker, roi=cam.roi, threshold=threshold, threshold_source=source)
+            )
         return lanes
 
     def run(self) -> int:
@@ -182,8 +193,19 @@ class Daemon:
         self.bundle, backend = self._start_model()
         self.link = self._start_link()
         tuning, crop = event_tuning(self.config)
-        lanes = self._start_cameras(tuning, crop)
-        self.pipeline = Pipeline(lanes, backend, self.bundle, self._send, self.frame_ready)
+        groups = self._start_cameras(tuning, crop)
+        backends = [backend]
+        try:
+            for _ in groups[1:]:
+                backends.append(another_backend(backend, self.bundle, cache_dir=self.config.state_dir / "engines"))
+        except BackendError as exc:
+            raise StartupError(f"a second scoring worker cannot get a backend: {exc}", 1) from None
+        self.pipeline = PipelinePool(
+            [
+                Pipeline(group, b, self.bundle, self._send, event)
+                for group, b, event in zip(groups, backends, self.frame_events, strict=True)
+            ]
+        )
         self._publish_retained_states()
         self.link.start()
         for camera in self.cameras.values():
@@ -197,8 +219,9 @@ class Daemon:
         housekeeping.start()
         self.notifier.ready(f"scoring {len(self.cameras)} camera(s) with {backend.kind}")
         log.info(
-            "ready: %d camera(s), backend %s, broker %s:%d",
+            "ready: %d camera(s) on %d worker(s), backend %s, broker %s:%d",
             len(self.cameras),
+            self.workers,
             backend.kind,
             self.config.mqtt.host,
             self.config.mqtt.port,
@@ -254,7 +277,8 @@ class Daemon:
         def stop(signum: int, frame: FrameType | None) -> None:
             log.info("signal %s: stopping", signal.Signals(signum).name)
             self.stop_event.set()
-            self.frame_ready.set()
+            for event in self.frame_events:
+                event.set()
 
         def reload(signum: int, frame: FrameType | None) -> None:
             self.reload_requested.set()
@@ -305,7 +329,8 @@ class Daemon:
         )
         if self.link is not None:
             self.link.set_retained(f"{camera_id}/status", _json(payload))
-        self.frame_ready.set()  # let the pipeline close an open event of a lost camera promptly
+        for event in self.frame_events:  # let the pipeline close an open event of a lost camera promptly
+            event.set()
 
     def _threshold_state(self, camera_id: str, request_id: str | None, ok: bool, reason: str | None) -> None:
         assert self.link is not None and self.pipeline is not None
@@ -394,7 +419,13 @@ class Daemon:
         backend = finish_engine_build(self.build, self.bundle)
         self.build = None
         if backend is not None:
-            self.pipeline.request_swap(backend, self.bundle)
+            cache = self.config.state_dir / "engines"
+            try:
+                others = [another_backend(backend, self.bundle, cache_dir=cache) for _ in self.pipeline.pipelines[1:]]
+            except BackendError as exc:
+                log.warning("the TensorRT engine cannot serve every worker (%s); ONNX Runtime keeps serving", exc)
+                return
+            self.pipeline.request_swap([backend, *others], self.bundle)
             assert self.link is not None
             self.link.set_retained("info", _json(self.info()))
 

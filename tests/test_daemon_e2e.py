@@ -170,3 +170,31 @@ def test_sigkill_with_a_full_spool_replays_after_restart(
         else:
             assert sent == stored  # crops byte for byte
     events_of(sub.messages)
+
+
+def test_two_workers_two_cameras(signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path) -> None:
+    """Two scoring workers, each with its own camera and backend session: every frame of both cameras scored,
+    each camera's events complete and in order."""
+    b = signed_bottle_bundle
+    cams = [camera(line), {**camera(line), "id": "cam1"}]
+    with Broker(tmp_path / "broker") as broker, Subscriber(broker.port, f"{PREFIX}/#") as sub:
+        config = write_config(tmp_path, b.path, b.public_key, broker.port, cams, workers=2)
+        daemon = Daemon(config)
+        assert daemon.wait(120) == 0, daemon.text()[-3000:]
+        sub.wait_for(
+            lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 10, "status stopped"
+        )
+    assert "on 2 worker(s)" in daemon.text()
+    events = check_events_and_crops(sub.messages, model_sha(b))
+    counts = final_counts(daemon)
+    for cam_id in ("cam0", "cam1"):
+        assert counts[cam_id]["frames_scored"] == line.frames
+        starts = [e for e in events if e["camera"] == cam_id and e["type"] == "start"]
+        assert len(starts) == counts[cam_id]["events_opened"] >= 1
+        assert [e["first_frame"] for e in starts] == sorted(e["first_frame"] for e in starts)
+    # the same video through the same model: both cameras see the same events at the same frames
+    spans = {
+        c: [(e["first_frame"], e["last_frame"]) for e in events if e["camera"] == c and e["type"] == "end"]
+        for c in ("cam0", "cam1")
+    }
+    assert spans["cam0"] == spans["cam1"]

@@ -31,6 +31,7 @@ __all__ = [
     "Runner",
     "available_providers",
     "gate",
+    "another_backend",
     "select_backend",
 ]
 log = logging.getLogger("edge_daemon.backends")
@@ -111,3 +112,13 @@ def finish_build(build: EngineBuild, bundle: LoadedBundle) -> Backend | None:
     except BackendError as exc:
         log.warning("the new TensorRT engine is refused (%s); ONNX Runtime keeps serving", exc)
         return None
+
+
+def another_backend(backend: Backend, bundle: LoadedBundle, *, cache_dir: Path | None) -> Backend:
+    """A second, independent session of the same kind as ``backend`` (for another scoring worker), gated."""
+    if backend.kind == "tensorrt":
+        twin = open_tensorrt(bundle, precision=backend.precision, max_batch=backend.max_batch, cache_dir=cache_dir)  # type: ignore[arg-type]
+        if twin is None:
+            raise BackendError("the TensorRT engine serving the first worker cannot be found for another")
+        return gate(twin, bundle)
+    return gate(open_onnxruntime(bundle, max_batch=backend.max_batch, cache_dir=cache_dir), bundle)
