@@ -2,7 +2,7 @@
 baselines measured in the same run on the same frames.
 
     python scripts/bench_streaming.py --bundle .demo/bundles/ae-bottle --trusted .demo/keys/demo.pub \
-        --data ../shared/data/mvtec_bottle --cameras 1,4 --results docs/results/streaming.json
+        --data ../shared/data/mvtec_bottle --configs 1x1,4x1,4x2 --results docs/results/streaming.json
 
 For each camera count N (every camera plays the same line video of real photographs, losslessly, as fast as it
 is scored):
@@ -105,8 +105,9 @@ def minimal_loop_fps(video: LineVideo, onnx: Path, bundle_dir: Path, cameras: in
     return n / wall, cpu / wall
 
 
-def daemon_run(video: LineVideo, bundle: Path, trusted: Path, cameras: int, work: Path) -> dict[str, Any]:
-    """Run the real daemon on ``cameras`` copies of the video; returns fps, CPU, RSS and latency figures."""
+def daemon_run(video: LineVideo, bundle: Path, trusted: Path, cameras: int, workers: int, work: Path) -> dict[str, Any]:
+    """Run the real daemon on ``cameras`` copies of the video with ``workers`` scoring threads; returns fps, CPU,
+    RSS and latency figures."""
     work.mkdir(parents=True, exist_ok=True)
     notify_path = work / "notify.sock"
     notify_path.unlink(missing_ok=True)
@@ -120,6 +121,7 @@ def daemon_run(video: LineVideo, bundle: Path, trusted: Path, cameras: int, work
             "trusted_keys": [str(trusted)],
             "state_dir": str(work / "state"),
             "backend": "onnxruntime",
+            "workers": workers,
             "mqtt": {"host": "127.0.0.1", "port": broker.port},
             "cameras": [{"id": f"cam{i}", "source": str(video.video), "roi": list(video.roi)} for i in range(cameras)],
             "spool": {"path": str(work / "state" / "spool.db")},
@@ -173,7 +175,7 @@ def main() -> None:
     p.add_argument("--bundle", type=Path, required=True)
     p.add_argument("--trusted", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True)
-    p.add_argument("--cameras", default="1,4")
+    p.add_argument("--configs", default="1x1,4x1,4x2", help="cameras x scoring workers, comma-separated")
     p.add_argument("--hold", type=int, default=10, help="frames per part (83 parts)")
     p.add_argument("--repeat", type=int, default=3, help="runs per configuration; the median is kept")
     p.add_argument("--results", type=Path, required=True)
@@ -188,15 +190,16 @@ def main() -> None:
         x, y, w, h = video.roi
         inputs = np.stack([preprocess(f[y : y + h, x : x + w], spec) for f in _frames(video)])
         records = []
-        for n in [int(c) for c in args.cameras.split(",")]:
+        for n, workers in [tuple(int(v) for v in c.split("x")) for c in args.configs.split(",")]:
             runs = []
             for r in range(args.repeat):
                 raw = raw_backend_fps(onnx, inputs, batch=n)
                 loop_fps, loop_cores = minimal_loop_fps(video, onnx, bundle, n)
-                d = daemon_run(video, bundle, args.trusted.resolve(), n, Path(tmp) / f"d{n}-{r}")
+                d = daemon_run(video, bundle, args.trusted.resolve(), n, workers, Path(tmp) / f"d{n}x{workers}-{r}")
                 runs.append({"raw_fps": raw, "loop_fps": loop_fps, "loop_cores": loop_cores, **d})
                 print(
-                    f"{n} camera(s) run {r}: daemon {d['fps']:.0f} fps ({d['cpu_cores']:.2f} cores, "
+                    f"{n} camera(s), {workers} worker(s), run {r}: daemon {d['fps']:.0f} fps "
+                    f"({d['cpu_cores']:.2f} cores, "
                     f"p50 {d['latency_p50_ms']:.1f} ms, p99 {d['latency_p99_ms']:.1f} ms, {d['rss_mb']:.0f} MB), "
                     f"loop {loop_fps:.0f} fps ({loop_cores:.2f} cores), raw backend {raw:.0f} fps",
                     flush=True,
@@ -206,7 +209,8 @@ def main() -> None:
                 {
                     "protocol": "streaming",
                     "model": str(manifest.model.get("name")),
-                    "normal_class": f"{n} camera(s)",
+                    "normal_class": f"{n} camera(s), {workers} worker(s)",
+                    "workers": workers,
                     "cameras": n,
                     "image_size": spec.height,
                     "frames_per_run": int(med["frames"]),
