@@ -93,8 +93,14 @@ def make_line_video(
     finally:
         writer.release()
     video = LineVideo(out, frame, fps, roi, parts)
-    meta = {"video": out.name, "frames": frame, "fps": fps, "roi": list(roi), "source": str(data),
-            "parts": [asdict(p) for p in parts]}
+    meta = {
+        "video": out.name,
+        "frames": frame,
+        "fps": fps,
+        "roi": list(roi),
+        "source": str(data),
+        "parts": [asdict(p) for p in parts],
+    }
     Path(f"{out}.parts.json").write_text(json.dumps(meta, indent=1) + "\n")
     return video
 

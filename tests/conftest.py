@@ -84,3 +84,16 @@ def signed_bottle_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFac
     finally:
         torch.set_num_threads(before)
     return SignedBundle(root / "bundle", public, private)
+
+
+@pytest.fixture(autouse=True)
+def reap_daemons() -> Iterator[None]:
+    """Kill any daemon process a test started and left running (e.g. when an assertion failed mid-test)."""
+    yield
+    from tests.daemon_helpers import RUNNING
+
+    while RUNNING:
+        daemon = RUNNING.pop()
+        if daemon.alive():
+            daemon.proc.kill()
+            daemon.proc.wait(10)

@@ -54,8 +54,11 @@ def write_config(
     return path
 
 
+RUNNING: list[Daemon] = []  # killed after each test by conftest's reap_daemons: a failed test leaves none behind
+
+
 class Daemon:
-    """``edge-daemon run --config`` as a child process (its own process group), stderr kept in a file."""
+    """``edge-daemon run --config`` as a child process, its log kept in a file beside the config."""
 
     def __init__(self, config: Path, env: dict[str, str] | None = None) -> None:
         self.log = config.with_suffix(".log")
@@ -67,6 +70,7 @@ class Daemon:
             env={**os.environ, **(env or {})},
             cwd=REPO,
         )
+        RUNNING.append(self)
 
     def wait(self, timeout: float = 60.0) -> int:
         try:
