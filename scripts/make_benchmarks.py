@@ -18,12 +18,18 @@ Optional keys (null = not recorded, the same as leaving the key out): per_defect
 number in [0, 1]}), pixel_auroc (number in [0, 1]), image_size (int, or [height, width], pixels),
 batch_size (int), inference_ms_per_image (number, milliseconds), n_normal, n_anomalous,
 n_report_apart (ints: test-set sizes), command (str: the command that produced the record),
-machine (str), date (ISO 8601 date or date-time; no time zone = UTC). Any other key is an error
-(it is most likely a misspelling).
+machine (str), date (ISO 8601 date or date-time; no time zone = UTC), settings ({key: string,
+number, boolean or null}: the model settings that differ from its defaults, e.g. {"variant":
+"one_ede"}), checkpoint_epoch (int >= 0: the epoch of the checkpoint evaluated). Any other key is
+an error (it is most likely a misspelling).
 
-Duplicates: when several records share (protocol, model, normal_class) (normal_class compared as
-text, so 3 and "3" are the same), the one with the latest "date" wins; a record without a date is
-older than any dated one; equal dates go to the later file (by file name), then the later index.
+Settings make a distinct row: a record with settings is shown, and identified, as the model
+``MODEL[key=value,...]`` (keys sorted), e.g. ``ede[variant=one_ede]`` beside ``ede``.
+
+Duplicates: when several records share (protocol, model with settings, normal_class) (normal_class
+compared as text, so 3 and "3" are the same), the one with the latest "date" wins; a record without
+a date is older than any dated one; equal dates go to the later file (by file name), then the later
+index.
 
 The page: a generated-file header naming this command; then one section per protocol ("mnist-oneclass",
 "industrial", "elpv" first, any other protocol after them in name order), each with the hand-written
@@ -166,6 +172,17 @@ def _parse_date(v: str) -> datetime:
     return dt if dt.tzinfo is not None else dt.replace(tzinfo=timezone.utc)
 
 
+def _settings(v: Any) -> str | None:
+    if not isinstance(v, dict):
+        return "must be an object {setting: value}"
+    for name, x in v.items():
+        if not name.strip():
+            return "has an empty setting name"
+        if x is not None and not isinstance(x, (str, int, float, bool)):
+            return f"[{name!r}] must be a string, number, boolean or null"
+    return None
+
+
 def _date(v: Any) -> str | None:
     if not isinstance(v, str):
         return "must be an ISO 8601 date string (e.g. 2025-01-31 or 2025-01-31T12:00:00Z)"
@@ -200,6 +217,8 @@ OPTIONAL: dict[str, Callable[[Any], str | None]] = {
     "command": _nonempty_str,
     "machine": _nonempty_str,
     "date": _date,
+    "settings": _settings,
+    "checkpoint_epoch": _int_at_least(0),
 }
 
 
@@ -296,6 +315,11 @@ def _display_path(path: Path) -> str:
         return resolved.as_posix()
 
 
+def _settings_label(settings: dict[str, Any]) -> str:
+    """``key=value`` pairs, keys sorted, comma-separated; text as is, other values as JSON."""
+    return ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in sorted(settings.items()))
+
+
 def load_records(results_dir: Path) -> tuple[list[Record], int]:
     """Read and validate every ``*.json`` in ``results_dir``; keep the newest record of each key.
 
@@ -330,6 +354,9 @@ def load_records(results_dir: Path) -> tuple[list[Record], int]:
             if not problems:
                 # An optional key set to null means "not recorded": drop it.
                 kept = {k: v for k, v in rec.items() if v is not None or k in _schema(rec)[0]}
+                if kept.get("settings"):
+                    # The settings are part of the model's identity: "ede[variant=one_ede]".
+                    kept["model"] = f"{kept['model']}[{_settings_label(kept['settings'])}]"
                 records.append((rank, Record(kept, path.name, i)))
     if errors:
         raise InputError(errors)
