@@ -129,6 +129,20 @@ class HttpConfig(_Section):
         return v
 
 
+class UpdatesConfig(_Section):
+    """Remote model updates (P/model/set): download limits, engine build limit, probation rules."""
+
+    max_bundle_mb: float = Field(default=1024, gt=0, description="refuse bigger bundles")
+    stall_timeout_s: float = Field(default=60, gt=0, description="a download with no byte for this long fails")
+    download_timeout_s: float = Field(default=3600, gt=0)
+    build_timeout_s: float = Field(default=3600, gt=0, description="TensorRT engine build time limit")
+    probation_s: float = Field(default=300, ge=0, description="watch a new model this long before it is active")
+    probation_min_frames: int = Field(default=50, ge=1, description="frames before the anomaly rate is judged")
+    max_anomaly_rate: float = Field(default=0.25, gt=0, le=1, description="more anomalous frames: roll back")
+    max_latency_ms: float | None = Field(default=None, gt=0, description="p99 capture-to-outbox budget, ms")
+    keep: int = Field(default=3, ge=1, le=20, description="previous bundles kept for model/rollback")
+
+
 class DaemonConfig(BaseSettings):
     """Everything the daemon reads at start (and again on SIGHUP). Units: seconds, pixels, megabytes."""
 
@@ -153,6 +167,8 @@ class DaemonConfig(BaseSettings):
     spool: SpoolConfig = Field(default_factory=SpoolConfig)
     stats_interval_s: float = Field(default=10.0, ge=1)
     http: HttpConfig = Field(default_factory=HttpConfig)
+    updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
+    allow_downgrade: bool = Field(default=False, description="accept a pushed bundle older than the active one")
     drain_timeout_s: float = Field(default=10.0, ge=0, le=300, description="SIGTERM: at most this long to flush")
 
     @field_validator("cameras")

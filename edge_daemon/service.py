@@ -24,6 +24,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from deploy.engines import probe_device
 from deploy.manifest import BundleError
 from edge_daemon import __version__
 from edge_daemon.backends import (
@@ -36,7 +37,7 @@ from edge_daemon.backends import (
 )
 from edge_daemon.backends import finish_build as finish_engine_build
 from edge_daemon.capture.camera import Camera, CameraStatus
-from edge_daemon.commands import CommandError, ModelRollback, ModelSet, ThresholdSet, parse_command, request_id_of
+from edge_daemon.commands import CommandError, ThresholdSet, parse_command, request_id_of
 from edge_daemon.config import ConfigError, DaemonConfig, load_config
 from edge_daemon.events import CropTuning, EventTracker, EventTuning, Outgoing
 from edge_daemon.http import HealthServer
@@ -45,6 +46,7 @@ from edge_daemon.mqtt import MqttLink, MqttSettings
 from edge_daemon.notify import Notifier
 from edge_daemon.pipeline import DEFAULT_THRESHOLD, CameraLane, Pipeline, PipelinePool, percentile_ms
 from edge_daemon.spool import Spool
+from edge_daemon.updater import Probe, Updater
 
 log = logging.getLogger("edge_daemon")
 COMMAND_TOPICS = ("+/threshold/set", "model/set", "model/rollback")
@@ -114,17 +116,18 @@ class Daemon:
         self.spool: Spool | None = None
         self.cameras: dict[str, Camera] = {}
         self.http: HealthServer | None = None
+        self.updater: Updater | None = None
         self._prev_scored: dict[str, tuple[float, int]] = {}
         self._fps_scored: dict[str, float] = {}
 
     # ------------------------------------------------------------------------------------- start-up
 
-    def _start_model(self) -> tuple[LoadedBundle, Backend]:
+    def _start_model(self, path: Path) -> tuple[LoadedBundle, Backend]:
         cfg = self.config
         try:
-            bundle = load_bundle(cfg.bundle, cfg.trusted_keys, cfg.state_dir, allow_unsigned=cfg.allow_unsigned)
+            bundle = load_bundle(path, cfg.trusted_keys, cfg.state_dir, allow_unsigned=cfg.allow_unsigned)
         except BundleError as exc:
-            raise StartupError(f"bundle {cfg.bundle} refused: {exc}", 2) from None
+            raise StartupError(f"bundle {path} refused: {exc}", 2) from None
         try:
             backend, self.build = select_backend(
                 bundle,
@@ -190,8 +193,9 @@ class Daemon:
         import cv2
 
         cv2.setNumThreads(1)  # one busy core per scoring worker (DESIGN.md, "Hot-path facts")
-        self.bundle, backend = self._start_model()
         self.link = self._start_link()
+        self.updater = Updater(self.config, self)
+        self.bundle, backend = self._start_model(self.updater.startup_bundle())
         tuning, crop = event_tuning(self.config)
         groups = self._start_cameras(tuning, crop)
         backends = [backend]
@@ -207,6 +211,7 @@ class Daemon:
             ]
         )
         self._publish_retained_states()
+        self.updater.start()
         self.link.start()
         for camera in self.cameras.values():
             camera.start()
@@ -256,6 +261,8 @@ class Daemon:
 
     def _teardown(self) -> None:
         self.stop_event.set()
+        if self.updater is not None:
+            self.updater.stop()
         for camera in self.cameras.values():
             camera.stop()
         if self.link is not None:
@@ -315,10 +322,6 @@ class Daemon:
     def _publish_retained_states(self) -> None:
         assert self.link is not None and self.pipeline is not None and self.bundle is not None
         self.link.set_retained("info", _json(self.info()))
-        self.link.set_retained(
-            "model/state",
-            _json({"request_id": None, "phase": "active", "reason": None, "model": self.bundle.describe()}),
-        )
         for lane in self.pipeline.lanes.values():
             self._threshold_state(lane.camera_id, None, True, None)
 
@@ -373,18 +376,65 @@ class Daemon:
             log.info("camera %s threshold %.4f (%s)", camera_id, value, source)
             self._threshold_state(camera_id, cmd.request_id, True, None)
         elif suffix in ("model/set", "model/rollback"):
-            model = ModelSet if suffix == "model/set" else ModelRollback
-            try:
-                parsed = parse_command(model, payload)
-                rid, reason = parsed.request_id, f"{suffix} is not supported by daemon {__version__} yet"
-            except CommandError as exc:
-                rid, reason = request_id_of(payload), str(exc)
-            self.link.set_retained(
-                "model/state",
-                _json({"request_id": rid, "phase": "refused", "reason": reason, "model": self.bundle.describe()}),
-            )
+            assert self.updater is not None
+            self.updater.submit(suffix, payload)
         else:
             log.warning("command on unknown topic %s ignored", suffix)
+
+    # ------------------------------------------------------------------------------------- the updater's host
+
+    def serving_bundle(self) -> LoadedBundle:
+        if self.bundle is None:
+            raise RuntimeError("no bundle loaded yet")
+        return self.bundle
+
+    def make_backends(self, bundle: LoadedBundle) -> list[Backend]:
+        """Gated backends for ``bundle``, one per scoring worker (BackendError naming the failure)."""
+        cfg, cache = self.config, self.config.state_dir / "engines"
+        try:
+            first, _ = select_backend(
+                bundle, cfg.backend, max_batch=cfg.max_batch, cache_dir=cache, precision=cfg.tensorrt_precision
+            )
+        except BackendUnavailable as exc:
+            raise BackendError(str(exc)) from None
+        return [first] + [another_backend(first, bundle, cache_dir=cache) for _ in range(self.workers - 1)]
+
+    def switch(self, backends: list[Backend], bundle: LoadedBundle) -> None:
+        """Serve ``bundle`` from the next batch on (between two batches; open events end with "model_swap")."""
+        assert self.pipeline is not None and self.link is not None
+        self.pipeline.request_swap(backends, bundle)
+        self.bundle = bundle
+        self.link.set_retained("info", _json(self.info()))
+
+    def publish_model_state(self, payload: bytes) -> None:
+        if self.link is not None:
+            self.link.set_retained("model/state", payload)
+
+    def probe(self) -> Probe:
+        assert self.pipeline is not None
+        lanes = list(self.pipeline.lanes.values())
+        p99s = [v for v in (percentile_ms(lane.latencies_s, 99) for lane in lanes) if v is not None]
+        return Probe(
+            frames=sum(lane.scored for lane in lanes),
+            anomalous=sum(lane.anomalous for lane in lanes),
+            backend_errors=self.pipeline.backend_errors,
+            latency_p99_ms=max(p99s) if p99s else None,
+        )
+
+    def engine_build(self, bundle: LoadedBundle) -> str | None:
+        """Build the TensorRT engine for ``bundle`` here when TensorRT is in use; None when done or not needed."""
+        if self.config.backend == "onnxruntime" or probe_device().missing():
+            return None
+        build = EngineBuild(
+            bundle,
+            self.config.state_dir / "engines",
+            precision=self.config.tensorrt_precision,
+            max_batch=self.config.max_batch,
+            time_limit_s=self.config.updates.build_timeout_s,
+        ).start()
+        while build.poll() == "building":
+            time.sleep(0.5)
+        return None if build.poll() == "done" else build.error
 
     # ------------------------------------------------------------------------------------- housekeeping
 
@@ -401,6 +451,8 @@ class Daemon:
                 if now >= next_stats:
                     next_stats = now + self.config.stats_interval_s
                     self._publish_stats()
+                if self.updater is not None:
+                    self.updater.tick()
                 if self.build is not None:
                     self._poll_build()
                 if self.reload_requested.is_set():

@@ -61,9 +61,10 @@ DEFAULT_NOTES = REPO / "docs" / "benchmarks_notes"
 SCRIPT = "scripts/make_benchmarks.py"
 
 #: Protocols shown first, in this order; any other protocol follows in name order.
-PROTOCOL_ORDER: tuple[str, ...] = ("mnist-oneclass", "industrial", "elpv", "backend-cpu")
+PROTOCOL_ORDER: tuple[str, ...] = ("mnist-oneclass", "industrial", "elpv", "backend-cpu", "streaming")
 PROTOCOL_TITLES: dict[str, str] = {
     "backend-cpu": "CPU throughput of the deployment graph (ONNX Runtime vs torch eager)",
+    "streaming": "the daemon on a video at full speed, against the raw backend and a minimal loop",
     "mnist-oneclass": "One-class MNIST",
     "industrial": "Industrial folders (MVTec layout)",
     "elpv": "ELPV solar cells",
@@ -245,12 +246,45 @@ THROUGHPUT_OPTIONAL: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+# Streaming records (scripts/bench_streaming.py): the daemon's pipeline against two baselines in the same run.
+STREAMING_PROTOCOLS = frozenset({"streaming"})
+STREAMING_REQUIRED: dict[str, Callable[[Any], str | None]] = {
+    "protocol": _protocol,
+    "model": _nonempty_str,
+    "normal_class": _nonempty_str,  # the configuration, e.g. "4 camera(s), 2 worker(s)"
+    "cameras": _int_at_least(1),
+    "workers": _int_at_least(1),
+    "image_size": _image_size,
+    "daemon_fps": _nonneg_number,
+    "loop_fps": _nonneg_number,
+    "raw_fps": _nonneg_number,
+    "daemon_cores": _nonneg_number,
+    "loop_cores": _nonneg_number,
+    "latency_p50_ms": _nonneg_number,
+    "latency_p99_ms": _nonneg_number,
+    "rss_mb": _nonneg_number,
+    "device": _nonempty_str,
+    "commit": _nonempty_str,
+}
+STREAMING_OPTIONAL: dict[str, Callable[[Any], str | None]] = {
+    **THROUGHPUT_OPTIONAL,
+    "frames_per_run": _int_at_least(0),
+    "repeats": _int_at_least(1),
+    "dropped": _int_at_least(0),
+    "daemon_vs_loop": _nonneg_number,
+    "daemon_vs_raw": _nonneg_number,
+    "daemon_vs_loop_per_core": _nonneg_number,
+}
+
+
 def _schema(
     rec: dict[str, Any],
 ) -> tuple[dict[str, Callable[[Any], str | None]], dict[str, Callable[[Any], str | None]]]:
     """(required, optional) key checks for this record's protocol."""
     if rec.get("protocol") in THROUGHPUT_PROTOCOLS:
         return THROUGHPUT_REQUIRED, THROUGHPUT_OPTIONAL
+    if rec.get("protocol") in STREAMING_PROTOCOLS:
+        return STREAMING_REQUIRED, STREAMING_OPTIONAL
     return REQUIRED, OPTIONAL
 
 
@@ -541,6 +575,38 @@ def _throughput_table(records: Sequence[Record]) -> list[str]:
     ]
 
 
+def _streaming_table(records: Sequence[Record]) -> list[str]:
+    """Rows = (model, cameras x workers): frames/s of the daemon, the minimal loop and the raw backend."""
+    header = ["model", "px", "cameras", "workers", "daemon fps", "loop fps", "raw fps", "daemon/loop"]
+    header += ["daemon/loop per core", "daemon cores", "p50 ms", "p99 ms", "RSS MB"]
+    rows: list[list[str]] = []
+    for rec in sorted(records, key=lambda r: (r.data["model"], r.data["cameras"], r.data["workers"])):
+        d = rec.data
+        per_core = (d["daemon_fps"] / d["daemon_cores"]) / (d["loop_fps"] / d["loop_cores"]) if d["daemon_cores"] else 0
+        rows.append(
+            [
+                d["model"],
+                str(d["image_size"]),
+                str(d["cameras"]),
+                str(d["workers"]),
+                f"{d['daemon_fps']:.0f}",
+                f"{d['loop_fps']:.0f}",
+                f"{d['raw_fps']:.0f}",
+                f"{d['daemon_fps'] / d['loop_fps']:.2f}x",
+                f"{per_core:.2f}x",
+                f"{d['daemon_cores']:.2f}",
+                f"{d['latency_p50_ms']:.1f}",
+                f"{d['latency_p99_ms']:.1f}",
+                f"{d['rss_mb']:.0f}",
+            ]
+        )
+    return _table(header, rows) + [
+        "",
+        "Cells: medians of the runs; fps = frames scored per second of wall time (all cameras together); cores = "
+        "CPU-seconds per second; latency = capture to outbox, per frame.",
+    ]
+
+
 def _provenance(records: Sequence[Record]) -> list[str]:
     """How to reproduce a section: distinct commands, machines, devices, commits, source files."""
     lines: list[str] = []
@@ -619,6 +685,8 @@ def render(records: Sequence[Record], notes_dir: Path, command: str, results_sho
             out += _industrial_table(mine)
         elif protocol in THROUGHPUT_PROTOCOLS:
             out += _throughput_table(mine)
+        elif protocol in STREAMING_PROTOCOLS:
+            out += _streaming_table(mine)
         else:
             out += _generic_table(mine)
         out += [""] + _provenance(mine)

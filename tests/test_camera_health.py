@@ -5,7 +5,6 @@ the light turned down or the exposure blown out (cv2.convertScaleAbs), as a came
 
 from __future__ import annotations
 
-import threading
 import time
 from pathlib import Path
 
@@ -13,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from edge_daemon.capture import Camera, CameraStatus, HealthConfig, HealthMonitor
+from edge_daemon.capture import Camera, HealthConfig, HealthMonitor
+from tests.test_capture import StatusLog
 
 SIZE = 320
 DEADLINE_S = 20.0
@@ -50,20 +50,6 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = 25.0) -> Path
         writer.write(f)
     writer.release()
     return path
-
-
-class StatusLog:
-    def __init__(self) -> None:
-        self.items: list[CameraStatus] = []
-        self.lock = threading.Lock()
-
-    def __call__(self, camera_id: str, status: CameraStatus) -> None:
-        with self.lock:
-            self.items.append(status)
-
-    def pairs(self) -> list[tuple[str, str | None]]:
-        with self.lock:
-            return [(s.state, s.reason) for s in self.items]
 
 
 # ---- HealthMonitor on its own ----------------------------------------------------------------------------------

@@ -311,3 +311,37 @@ def test_bad_settings_are_clear_errors(tmp_path: Path, results: Path) -> None:
     assert any("record 0" in ln and "'settings'" in ln for ln in lines), lines
     assert any("record 1" in ln and "'settings'" in ln for ln in lines), lines
     assert any("record 2" in ln and "'checkpoint_epoch'" in ln for ln in lines), lines
+
+
+def test_streaming_records_have_their_own_table(tmp_path: Path, results: Path) -> None:
+    rec = {
+        "protocol": "streaming",
+        "model": "ae",
+        "normal_class": "4 camera(s), 2 worker(s)",
+        "cameras": 4,
+        "workers": 2,
+        "image_size": 64,
+        "daemon_fps": 300.0,
+        "loop_fps": 200.0,
+        "raw_fps": 210.0,
+        "daemon_cores": 2.0,
+        "loop_cores": 1.0,
+        "latency_p50_ms": 12.5,
+        "latency_p99_ms": 40.0,
+        "rss_mb": 250.0,
+        "device": "cpu",
+        "commit": "abc1234",
+    }
+    (results / "streaming.json").write_text(json.dumps([rec]))
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "bench.md").read_text()
+    assert "## streaming" in text
+    section = text.split("## streaming", 1)[1]
+    row = next(r for r in (ln.split("|") for ln in section.splitlines()) if len(r) > 5 and r[1].strip() == "ae")
+    cells = [c.strip() for c in row[1:-1]]
+    assert cells[4:9] == ["300", "200", "210", "1.50x", "0.75x"]  # per core: (300 / 2) / (200 / 1)
+    del rec["rss_mb"]
+    (results / "streaming.json").write_text(json.dumps([rec]))
+    proc = _run(tmp_path)
+    assert proc.returncode == 2 and "'rss_mb'" in proc.stderr

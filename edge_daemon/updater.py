@@ -1,0 +1,508 @@
+"""Remote model updates: ``P/model/set`` and ``P/model/rollback`` (DESIGN.md, "MQTT" and "Security model").
+
+A request goes through phases, each published on ``P/model/state`` (retained JSON: request_id, phase, reason,
+model = the model serving now, target = the requested version and sha256, progress while downloading):
+
+    downloading -> verifying -> building -> validating -> probation -> active
+    any phase before probation -> refused (the serving model never stopped)
+    probation -> rolled_back (the previous model serves again, automatically, with the reason)
+
+- downloading: resumable HTTP(S) or file:// download with a size cap into ``<state_dir>/updates/downloads/``
+  (edge_daemon.download), checked against the command's sha256;
+- verifying: the signature must verify against the device's trusted keys (an unsigned or untrusted bundle is
+  refused whatever the command says: ``allow_unsigned`` does not apply to updates), the daemon must be new enough,
+  the command's version must be the manifest's, and a bundle older than the active one (manifest "created") is a
+  downgrade, refused unless ``allow_downgrade``;
+- building: a TensorRT engine for this device when TensorRT is present (background thread, time limit);
+- validating: a backend per scoring worker, each through the golden parity gate;
+- probation: the pipeline switches between two batches (open events end with reason "model_swap"; events carry
+  the model's sha) and the new model is watched for ``updates.probation_s``: a backend error, a p99 latency over
+  ``updates.max_latency_ms``, or an anomaly rate above ``updates.max_anomaly_rate`` (the calibrated false-alarm
+  rate is a fraction of a percent; a model that fires on most frames is broken) rolls back automatically;
+- active: the bundle becomes the one the daemon starts with; the previous ones are kept (``updates.keep``) for
+  ``model/rollback``.
+
+Everything the updater knows is in ``<state_dir>/updates/state.json`` (written atomically), so a daemon killed in
+any phase starts again on the last active model: an interrupted request is reported as refused (before the
+switch) or rolled_back (during probation). A request_id seen before is answered with its recorded outcome and
+nothing else happens.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from deploy.manifest import BundleError
+from edge_daemon import __version__
+from edge_daemon.backends import Backend, BackendError
+from edge_daemon.commands import CommandError, ModelRollback, ModelSet, parse_command, request_id_of
+from edge_daemon.config import DaemonConfig
+from edge_daemon.model import LoadedBundle, load_bundle
+
+log = logging.getLogger("edge_daemon.updater")
+MAX_REMEMBERED_REQUESTS = 200
+FINAL_PHASES = ("active", "refused", "rolled_back")
+
+
+class Refused(Exception):
+    """A request that cannot go on; the message is the reason published with phase "refused"."""
+
+
+@dataclass
+class Probe:
+    """Cumulative counters of the serving pipeline, read at the switch and during probation."""
+
+    frames: int
+    anomalous: int
+    backend_errors: int
+    latency_p99_ms: float | None
+
+
+class UpdateHost(Protocol):
+    """What the updater needs from the daemon (edge_daemon.service implements it)."""
+
+    def serving_bundle(self) -> LoadedBundle: ...
+
+    def make_backends(self, bundle: LoadedBundle) -> list[Backend]: ...  # gated, one per worker; BackendError
+
+    def switch(self, backends: list[Backend], bundle: LoadedBundle) -> None: ...
+
+    def publish_model_state(self, payload: bytes) -> None: ...
+
+    def probe(self) -> Probe: ...
+
+    def engine_build(self, bundle: LoadedBundle) -> str | None: ...  # None: nothing to build; else a failure reason
+
+
+def _now_iso() -> str:
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+class Updater:
+    """Runs update requests one at a time on its own thread; ``tick()`` (housekeeping) watches probation."""
+
+    def __init__(self, config: DaemonConfig, host: UpdateHost, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.host = host
+        self.clock = clock
+        self.root = Path(config.state_dir) / "updates"
+        self.state_path = self.root / "state.json"
+        self.state: dict[str, Any] = {"active": None, "history": [], "pending": None, "requests": {}}
+        self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=16)
+        self._lock = threading.RLock()
+        self._probation: dict[str, Any] | None = None  # {"bundle", "previous", "since", "baseline": Probe}
+        self._validated: list[Backend] = []  # the gated backends of the bundle about to go on probation
+        self._thread = threading.Thread(target=self._work, name="updater", daemon=True)
+        self._load_state()
+
+    # ------------------------------------------------------------------ start-up
+
+    def _load_state(self) -> None:
+        if not self.state_path.is_file():
+            return
+        try:
+            data = json.loads(self.state_path.read_text(encoding="utf-8"))
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as exc:
+            bad = self.state_path.with_suffix(f".bad-{int(time.time())}")
+            log.error(
+                "update state %s unreadable (%s): kept as %s, starting from the config's bundle",
+                self.state_path,
+                exc,
+                bad.name,
+            )
+            os.replace(self.state_path, bad)
+            return
+        for key in self.state:
+            if key in data:
+                self.state[key] = data[key]
+
+    def _save_state(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".state.", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.state, f, indent=1, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.state_path)
+
+    def startup_bundle(self) -> Path:
+        """The bundle the daemon must start on: the last active update, else the config's ``bundle``.
+
+        A request that was interrupted by a restart is closed here: refused before the switch, rolled back during
+        probation (the daemon comes back on the last active model either way). Call once, before serving.
+        """
+        pending = self.state.get("pending")
+        if pending:
+            phase = pending.get("phase")
+            if phase == "probation":
+                self._remember(
+                    pending["request_id"],
+                    "rolled_back",
+                    f"the daemon restarted during probation of {pending.get('version')}; back on the last active model",
+                )
+            else:
+                self._remember(
+                    pending["request_id"],
+                    "refused",
+                    f"interrupted by a daemon restart while {phase}; the active model kept serving",
+                )
+            self.state["pending"] = None
+            self._save_state()
+        active = self.state.get("active")
+        if active and Path(active["path"]).exists():
+            return Path(active["path"])
+        if active:
+            log.error("the active update %s is gone from disk: starting on the config's bundle", active["path"])
+        return Path(self.config.bundle)
+
+    def start(self) -> None:
+        """Start the worker thread and publish the retained state (the interrupted request's outcome, if any)."""
+        last = self.state.get("last")
+        if last:
+            self._publish(last["request_id"], last["phase"], last["reason"], last.get("target"))
+        else:
+            self._publish(None, "active", None, None)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ commands (MQTT thread)
+
+    def submit(self, command: str, payload: bytes) -> None:
+        """Queue ``model/set`` or ``model/rollback``; a full queue is refused at once. Never raises."""
+        try:
+            self._queue.put_nowait((command, payload))
+        except queue.Full:
+            self._publish(request_id_of(payload), "refused", "too many update requests queued; try again later", None)
+
+    def stop(self) -> None:
+        """Let the worker thread end after the request in hand (a download in flight resumes after a restart)."""
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(None)
+
+    # ------------------------------------------------------------------ worker
+
+    def _work(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            command, payload = item
+            try:
+                if command == "model/set":
+                    self._handle_set(payload)
+                else:
+                    self._handle_rollback(payload)
+            except Exception as exc:  # a bug here must not kill the updater; the request is answered
+                log.exception("update request failed")
+                self._publish(request_id_of(payload), "refused", f"internal error: {type(exc).__name__}: {exc}", None)
+
+    def _handle_set(self, payload: bytes) -> None:
+        try:
+            cmd = parse_command(ModelSet, payload)
+        except CommandError as exc:
+            self._publish(request_id_of(payload), "refused", str(exc), None)
+            return
+        rid = cmd.request_id
+        if rid is None:
+            self._publish(None, "refused", "request_id is required for model/set", None)
+            return
+        if self._replay(rid):
+            return
+        target = {"version": cmd.version, "sha256": cmd.sha256}
+        with self._lock:
+            if self._probation is not None or self.state.get("pending"):
+                busy = (self.state.get("pending") or {}).get("request_id")
+                self._publish(rid, "refused", f"another update ({busy}) is in progress; try again after it", target)
+                return
+            self.state["pending"] = {
+                "request_id": rid,
+                "phase": "downloading",
+                "version": cmd.version,
+                "sha256": cmd.sha256,
+                "started": _now_iso(),
+            }
+            self._save_state()
+        try:
+            bundle = self._prepare(rid, cmd, target)
+        except Refused as exc:
+            with self._lock:
+                self.state["pending"] = None
+                self._remember(rid, "refused", str(exc), target)
+                self._save_state()
+            log.warning("update %s refused: %s", rid, exc)
+            return
+        self._begin_probation(rid, bundle, target)
+
+    def _set_phase(
+        self, rid: str, phase: str, reason: str | None, target: dict[str, Any], progress: dict[str, Any] | None = None
+    ) -> None:
+        with self._lock:
+            if self.state.get("pending"):
+                self.state["pending"]["phase"] = phase
+                self._save_state()
+        self._publish(rid, phase, reason, target, progress)
+
+    def _prepare(self, rid: str, cmd: ModelSet, target: dict[str, Any]) -> LoadedBundle:
+        from edge_daemon.download import DownloadError, fetch
+
+        cfg = self.config.updates
+        self._set_phase(rid, "downloading", None, target)
+        last_progress = [0.0]
+
+        def progress(done: int, total: int | None) -> None:
+            now = self.clock()
+            if now - last_progress[0] >= 1.0:
+                last_progress[0] = now
+                self._publish(rid, "downloading", None, target, {"bytes": done, "total": total})
+
+        tar = self.root / "downloads" / f"{cmd.sha256}.tar"
+        try:
+            fetch(
+                cmd.url,
+                tar,
+                expected_sha256=cmd.sha256,
+                max_bytes=int(cfg.max_bundle_mb * 1024 * 1024),
+                stall_timeout_s=cfg.stall_timeout_s,
+                total_timeout_s=cfg.download_timeout_s,
+                progress=progress,
+            )
+        except DownloadError as exc:
+            raise Refused(f"download failed: {exc}") from None
+        self._set_phase(rid, "verifying", None, target)
+        try:
+            bundle = load_bundle(tar, list(self.config.trusted_keys), self.root / "unpacked", allow_unsigned=False)
+        except BundleError as exc:
+            raise Refused(f"bundle refused: {exc}") from None
+        finally:
+            tar.unlink(missing_ok=True)  # the unpacked, verified folder is what is kept
+        if bundle.version != cmd.version:
+            raise Refused(f"the command says version {cmd.version!r} but the bundle is {bundle.version!r}")
+        serving = self.host.serving_bundle()
+        if bundle.sha == serving.sha:
+            raise Refused(f"{bundle.name} {bundle.version} (sha {bundle.sha[:12]}) is already active")
+        if bundle.manifest.created < serving.manifest.created and not self.config.allow_downgrade:
+            raise Refused(
+                f"downgrade refused: {bundle.version} was made {bundle.manifest.created}, before the active "
+                f"{serving.version} ({serving.manifest.created}); set allow_downgrade or use model/rollback"
+            )
+        self._set_phase(rid, "building", None, target)
+        failure = self.host.engine_build(bundle)
+        if failure:
+            raise Refused(f"engine build failed: {failure}")
+        self._set_phase(rid, "validating", None, target)
+        try:
+            backends = self.host.make_backends(bundle)
+        except BackendError as exc:
+            raise Refused(f"validation failed: {exc}") from None
+        self._validated = backends
+        return bundle
+
+    def _begin_probation(self, rid: str, bundle: LoadedBundle, target: dict[str, Any]) -> None:
+        previous = self.host.serving_bundle()
+        with self._lock:
+            self.state["pending"].update({"phase": "probation", "path": str(bundle.root), "sha": bundle.sha})
+            self._save_state()
+            self._probation = {
+                "request_id": rid,
+                "bundle": bundle,
+                "previous": previous,
+                "target": target,
+                "since": self.clock(),
+                "baseline": None,
+            }
+            self.host.switch(self._validated, bundle)
+            self._validated = []
+            self._probation["baseline"] = self.host.probe()
+        log.info(
+            "update %s: now serving %s %s on probation for %.0f s",
+            rid,
+            bundle.name,
+            bundle.version,
+            self.config.updates.probation_s,
+        )
+        self._publish(rid, "probation", None, target)
+
+    # ------------------------------------------------------------------ probation (housekeeping thread)
+
+    def tick(self) -> None:
+        """Check the model on probation: roll back on trouble, make it active when the window has passed."""
+        with self._lock:
+            p = self._probation
+            if p is None or p["baseline"] is None:
+                return
+            cfg = self.config.updates
+            now, base = self.host.probe(), p["baseline"]
+            frames, anomalous = now.frames - base.frames, now.anomalous - base.anomalous
+            errors = now.backend_errors - base.backend_errors
+            reason = None
+            if errors > 0:
+                reason = f"the new model's backend failed {errors} time(s) on live frames"
+            elif (
+                cfg.max_latency_ms is not None
+                and now.latency_p99_ms is not None
+                and (now.latency_p99_ms > cfg.max_latency_ms)
+            ):
+                reason = f"p99 latency {now.latency_p99_ms:.0f} ms is over the budget of {cfg.max_latency_ms:.0f} ms"
+            elif frames >= cfg.probation_min_frames and anomalous / frames > cfg.max_anomaly_rate:
+                far = p["bundle"].calibration.target_false_alarm_rate
+                reason = (
+                    f"anomaly rate {anomalous / frames:.2f} over {frames} live frames, far above the calibrated "
+                    f"false-alarm rate {far if far is not None else 'of the bundle'} "
+                    f"(limit {cfg.max_anomaly_rate:.2f})"
+                )
+            if reason is not None:
+                self._roll_back(p, reason)
+            elif self.clock() - p["since"] >= cfg.probation_s:
+                self._confirm(p, frames)
+
+    def _confirm(self, p: dict[str, Any], frames: int) -> None:
+        bundle: LoadedBundle = p["bundle"]
+        previous: LoadedBundle = p["previous"]
+        history = [h for h in self.state["history"] if h["sha"] != previous.sha and h["sha"] != bundle.sha]
+        history.insert(0, _entry(previous))
+        dropped = history[self.config.updates.keep :]
+        self.state["history"] = history[: self.config.updates.keep]
+        self.state["active"] = _entry(bundle)
+        self.state["pending"] = None
+        self._probation = None
+        self._remember(p["request_id"], "active", f"passed probation ({frames} frames)", p["target"])
+        self._save_state()
+        for old in dropped:
+            self._delete_bundle(old)
+        log.info("update %s: %s %s is active", p["request_id"], bundle.name, bundle.version)
+
+    def _roll_back(self, p: dict[str, Any], reason: str) -> None:
+        previous: LoadedBundle = p["previous"]
+        try:
+            backends = self.host.make_backends(previous)
+        except BackendError as exc:  # the old model passed its gate before; this should not happen
+            log.error("rollback: the previous model fails its gate now (%s); keeping the new one", exc)
+            return
+        self.host.switch(backends, previous)
+        self.state["pending"] = None
+        self._probation = None
+        self._remember(p["request_id"], "rolled_back", reason, p["target"])
+        self._save_state()
+        self._delete_bundle(_entry(p["bundle"]))
+        log.warning("update %s rolled back: %s", p["request_id"], reason)
+
+    # ------------------------------------------------------------------ model/rollback
+
+    def _handle_rollback(self, payload: bytes) -> None:
+        try:
+            cmd = parse_command(ModelRollback, payload)
+        except CommandError as exc:
+            self._publish(request_id_of(payload), "refused", str(exc), None)
+            return
+        rid = cmd.request_id
+        if rid is not None and self._replay(rid):
+            return
+        with self._lock:
+            if self._probation is not None:
+                self._roll_back(self._probation, "rollback requested during probation")
+                return
+            if self.state.get("pending"):
+                self._publish(rid, "refused", "an update is in progress; roll back after it", None)
+                return
+            if not self.state["history"]:
+                self._publish(rid, "refused", "no previous model to go back to", None)
+                return
+            entry = self.state["history"][0]
+            try:
+                previous = load_bundle(
+                    Path(entry["path"]),
+                    list(self.config.trusted_keys),
+                    self.root / "unpacked",
+                    allow_unsigned=self.config.allow_unsigned,
+                )
+                backends = self.host.make_backends(previous)
+            except (BundleError, BackendError) as exc:
+                self._remember(rid, "refused", f"the previous model cannot serve: {exc}", None)
+                return
+            current = self.host.serving_bundle()
+            self.host.switch(backends, previous)
+            self.state["history"] = self.state["history"][1:]
+            self.state["active"] = entry
+            self._remember(
+                rid, "rolled_back", f"rollback requested: back to {previous.version} from {current.version}", None
+            )
+            self._save_state()
+
+    # ------------------------------------------------------------------ bookkeeping
+
+    def _replay(self, rid: str) -> bool:
+        """A request_id seen before: answer with its recorded outcome and do nothing else."""
+        with self._lock:
+            known = self.state["requests"].get(rid)
+            pending = self.state.get("pending")
+        if pending and pending.get("request_id") == rid:
+            self._publish(rid, pending["phase"], "already in progress (duplicate request_id)", None)
+            return True
+        if known:
+            self._publish(rid, known["phase"], known["reason"], known.get("target"))
+            return True
+        return False
+
+    def _remember(self, rid: str | None, phase: str, reason: str | None, target: dict[str, Any] | None = None) -> None:
+        if rid is not None:
+            requests = self.state["requests"]
+            requests[rid] = {"phase": phase, "reason": reason, "target": target, "at": _now_iso()}
+            while len(requests) > MAX_REMEMBERED_REQUESTS:
+                requests.pop(next(iter(requests)))
+        self.state["last"] = {"request_id": rid, "phase": phase, "reason": reason, "target": target}
+        self._save_state()
+        self._publish(rid, phase, reason, target)
+
+    def _publish(
+        self,
+        rid: str | None,
+        phase: str,
+        reason: str | None,
+        target: dict[str, Any] | None,
+        progress: dict[str, Any] | None = None,
+    ) -> None:
+        try:
+            model = self.host.serving_bundle().describe()
+        except Exception:  # before the first bundle is loaded
+            model = None
+        body: dict[str, Any] = {
+            "request_id": rid,
+            "phase": phase,
+            "reason": reason,
+            "model": model,
+            "target": target,
+            "daemon_version": __version__,
+        }
+        if progress is not None:
+            body["progress"] = progress
+        self.host.publish_model_state(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+    def _delete_bundle(self, entry: dict[str, Any]) -> None:
+        """Remove an unpacked bundle we own (never anything outside <state_dir>/updates)."""
+        path = Path(entry["path"]).resolve()
+        if self.root.resolve() in path.parents and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _entry(bundle: LoadedBundle) -> dict[str, Any]:
+    return {
+        "path": str(bundle.root),
+        "sha": bundle.sha,
+        "name": bundle.name,
+        "version": bundle.version,
+        "created": bundle.manifest.created,
+    }

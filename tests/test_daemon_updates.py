@@ -1,0 +1,304 @@
+"""Remote model updates end to end: the real daemon, a real mosquitto, real signed bundles (issue 7).
+
+A good bundle goes downloading -> verifying -> building -> validating -> probation -> active while the camera keeps
+being scored; bad ones are refused with their reason and the old model never stops; a model that fires on every
+frame is rolled back during probation; a daemon killed mid-update comes back on the last active model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import json
+import shutil
+import socketserver
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from deploy.bundle import pack_tar, sign_bundle, verify_bundle_details
+from deploy.manifest import canonical_bytes, parse_manifest
+from deploy.signing import generate_keypair
+from tests.conftest import SignedBundle
+from tests.daemon_helpers import PREFIX, Daemon, LineVideo, make_line_video, wait_until, write_config
+from tests.mqtt_broker import Broker, Subscriber, publish
+
+STATE = f"{PREFIX}/model/state"
+
+
+@pytest.fixture(scope="module")
+def line(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> LineVideo:
+    out = tmp_path_factory.mktemp("line") / "line.avi"
+    return make_line_video(shared_data / "mvtec_bottle", out, hold=4, fps=25.0, limit=12)
+
+
+@pytest.fixture(scope="module")
+def v2(signed_bottle_bundle: SignedBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A newer signed bundle of the same run (exported again: a later "created", so a different sha)."""
+    from trainer.export import export_run
+
+    root = tmp_path_factory.mktemp("v2")
+    time.sleep(1.1)  # "created" has one-second resolution
+    export_run(signed_bottle_bundle.path.parent / "run", root / "bundle", sign_key=signed_bottle_bundle.private_key)
+    return root / "bundle"
+
+
+def edited(bundle: Path, out: Path, edit: Callable[[dict[str, Any]], None], key: Path | None) -> Path:
+    """A copy of ``bundle`` with its manifest edited by ``edit`` and signed with ``key`` (unsigned when None)."""
+    shutil.copytree(bundle, out)
+    manifest = json.loads((out / "manifest.json").read_text())
+    edit(manifest)
+    (out / "manifest.json").write_bytes(canonical_bytes(parse_manifest(json.dumps(manifest).encode())))
+    (out / "signature").unlink()
+    if key is not None:
+        sign_bundle(out, key)
+    return out
+
+
+def tar_of(bundle: Path, out: Path) -> tuple[Path, str]:
+    pack_tar(bundle, out)
+    return out, hashlib.sha256(out.read_bytes()).hexdigest()
+
+
+def looping(line: LineVideo) -> dict[str, object]:
+    return {"id": "cam0", "source": str(line.video), "roi": list(line.roi), "loop": True, "realtime": True}
+
+
+class Device:
+    """A running daemon with a subscriber on its topics; helpers to push and to read the model state."""
+
+    def __init__(self, tmp: Path, bundle: SignedBundle, line: LineVideo, broker: Broker, **updates: Any) -> None:
+        self.broker = broker
+        self.sub = Subscriber(broker.port, f"{PREFIX}/#").start()
+        probation = {"probation_s": 2.0, "probation_min_frames": 20, "stall_timeout_s": 1.0, **updates}
+        self.config = write_config(tmp, bundle.path, bundle.public_key, broker.port, [looping(line)], updates=probation)
+        self.start()
+
+    def start(self) -> None:
+        self.daemon = Daemon(self.config)
+        wait_until(lambda: self.states(), 30, "the retained model state")
+
+    def states(self, request_id: str | None = None) -> list[dict[str, Any]]:
+        out = [json.loads(m.payload) for m in self.sub.on(STATE)]
+        return [s for s in out if request_id is None or s["request_id"] == request_id]
+
+    def push(self, url: str, sha256: str, version: str) -> str:
+        rid = uuid.uuid4().hex
+        body = json.dumps({"request_id": rid, "url": url, "sha256": sha256, "version": version}).encode()
+        publish(self.broker.port, f"{PREFIX}/model/set", body)
+        return rid
+
+    def final(self, rid: str, timeout: float = 60) -> dict[str, Any]:
+        wait_until(
+            lambda: any(s["phase"] in ("active", "refused", "rolled_back") for s in self.states(rid)),
+            timeout,
+            f"request {rid} to finish",
+        )
+        return [s for s in self.states(rid) if s["phase"] in ("active", "refused", "rolled_back")][-1]
+
+    def scored(self) -> int:
+        stats = [json.loads(m.payload) for m in self.sub.on(f"{PREFIX}/stats")]
+        return stats[-1]["cameras"]["cam0"]["frames_scored"] if stats else 0
+
+    def keeps_scoring(self) -> None:
+        before = self.scored()
+        wait_until(lambda: self.scored() > before, 20, "frames to keep being scored")
+
+    def close(self) -> None:
+        if self.daemon.alive():
+            assert self.daemon.terminate(30) == 0, self.daemon.text()[-3000:]
+        self.sub.stop()
+
+
+@pytest.fixture
+def device(signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path) -> Iterator[Device]:
+    with Broker(tmp_path / "broker") as broker:
+        d = Device(tmp_path, signed_bottle_bundle, line, broker)
+        try:
+            yield d
+        finally:
+            d.close()
+
+
+def test_push_a_good_bundle(device: Device, v2: Path, tmp_path: Path, signed_bottle_bundle: SignedBundle) -> None:
+    tar, sha = tar_of(v2, tmp_path / "v2.tar")
+    new_sha = verify_bundle_details(v2, [signed_bottle_bundle.public_key]).manifest_sha256
+    old_sha = verify_bundle_details(signed_bottle_bundle.path, [signed_bottle_bundle.public_key]).manifest_sha256
+    version = parse_manifest((v2 / "manifest.json").read_bytes()).model["version"]
+    rid = device.push(tar.as_uri(), sha, version)
+    final = device.final(rid)
+    assert final["phase"] == "active", final
+    phases = [s["phase"] for s in device.states(rid)]
+    expected = ["downloading", "verifying", "building", "validating", "probation", "active"]
+    assert [p for p in dict.fromkeys(phases)] == expected, phases
+    assert final["model"]["sha"] == new_sha
+    # events and info now name the new model; the camera never stopped
+    info = json.loads(device.sub.on(f"{PREFIX}/info")[-1].payload)
+    assert info["model"]["sha"] == new_sha and old_sha != new_sha
+    device.keeps_scoring()
+    # the same request again: answered with its outcome, nothing redone
+    again = json.dumps({"request_id": rid, "url": tar.as_uri(), "sha256": sha, "version": version}).encode()
+    n = len(device.states(rid))
+    publish(device.broker.port, f"{PREFIX}/model/set", again)
+    wait_until(lambda: len(device.states(rid)) > n, 20, "the duplicate's answer")
+    assert [s["phase"] for s in device.states(rid)[n:]] == ["active"]
+    # restart: the daemon comes back on the updated model, not the config's bundle
+    assert device.daemon.terminate(30) == 0
+    device.start()
+    wait_until(lambda: "ready:" in device.daemon.text(), 30, "the restarted daemon")
+    assert f"sha {new_sha[:12]}" in device.daemon.text()
+    # and model/rollback goes back to the first model on purpose
+    publish(device.broker.port, f"{PREFIX}/model/rollback", b'{"request_id": "rb1"}')
+    rolled = device.final("rb1")
+    assert rolled["phase"] == "rolled_back" and rolled["model"]["sha"] == old_sha, rolled
+    device.keeps_scoring()
+
+
+def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(
+    device: Device, signed_bottle_bundle: SignedBundle, tmp_path: Path
+) -> None:
+    b = signed_bottle_bundle
+    other_key = generate_keypair(tmp_path / "keys" / "other")[0]
+    version = parse_manifest((b.path / "manifest.json").read_bytes()).model["version"]
+
+    def later(m: dict[str, Any]) -> None:
+        m["created"] = "2099-01-01T00:00:00Z"
+
+    cases: dict[str, tuple[Path, str]] = {}
+    cases["unsigned"] = tar_of(edited(b.path, tmp_path / "unsigned", later, None), tmp_path / "unsigned.tar")
+    cases["untrusted"] = tar_of(edited(b.path, tmp_path / "untrusted", later, other_key), tmp_path / "untrusted.tar")
+    cases["too_new"] = tar_of(
+        edited(b.path, tmp_path / "too_new", lambda m: (later(m), m.update(min_daemon_version="99.0")), b.private_key),
+        tmp_path / "too_new.tar",
+    )
+
+    def wrong_shape(m: dict[str, Any]) -> None:
+        later(m)
+        m["input"]["height"] = m["input"]["width"] = 48
+
+    cases["wrong_shape"] = tar_of(edited(b.path, tmp_path / "shape", wrong_shape, b.private_key), tmp_path / "s.tar")
+    tampered = edited(b.path, tmp_path / "tampered", later, b.private_key)
+    with open(tampered / "model.onnx", "ab") as f:
+        f.write(b"\0")
+    cases["tampered"] = tar_of(tampered, tmp_path / "tampered.tar")
+    good_tar, good_sha = tar_of(edited(b.path, tmp_path / "good", later, b.private_key), tmp_path / "good.tar")
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(good_tar.read_bytes()[: good_tar.stat().st_size // 2])
+    expected = {
+        "unsigned": "unsigned",
+        "untrusted": "untrusted key",
+        "too_new": "daemon version >= 99.0",
+        "wrong_shape": "validation failed",
+        "tampered": "model.onnx",
+        "truncated": "sha256",
+        "missing": "not found",
+        "bad_version": "the command says version",
+    }
+    pushes = {name: device.push(tar.as_uri(), sha, version) for name, (tar, sha) in cases.items()}
+    pushes["truncated"] = device.push(truncated.as_uri(), good_sha, version)
+    pushes["missing"] = device.push((tmp_path / "absent.tar").as_uri(), good_sha, version)
+    pushes["bad_version"] = device.push(good_tar.as_uri(), good_sha, "not-" + version)
+    for name, rid in pushes.items():
+        final = device.final(rid)
+        assert final["phase"] == "refused" and expected[name] in final["reason"], (name, final)
+        assert final["model"]["sha"] == verify_bundle_details(b.path, [b.public_key]).manifest_sha256
+    device.keeps_scoring()
+    assert device.daemon.alive()
+
+
+class StallingServer:
+    """Serves the first ``first`` bytes of a file, then stalls (a url that stops answering), or 404s."""
+
+    def __init__(self, data: bytes, first: int) -> None:
+        owner = self
+        self.release = threading.Event()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if self.path != "/bundle.tar":
+                    self.send_error(404)
+                    return
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data[:first])
+                self.wfile.flush()
+                owner.release.wait(30)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
+            daemon_threads = True
+
+        self.server = Server(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_stalled_and_404_urls(device: Device, signed_bottle_bundle: SignedBundle, tmp_path: Path) -> None:
+    b = signed_bottle_bundle
+    tar, sha = tar_of(b.path, tmp_path / "b.tar")
+    server = StallingServer(tar.read_bytes(), 1000)
+    try:
+        stalled = device.final(device.push(f"{server.url}/bundle.tar", sha, "v"))
+        assert stalled["phase"] == "refused" and "stalled" in stalled["reason"], stalled
+        gone = device.final(device.push(f"{server.url}/nothing.tar", sha, "v"))
+        assert gone["phase"] == "refused" and "404" in gone["reason"], gone
+    finally:
+        server.stop()
+    device.keeps_scoring()
+
+
+def test_a_model_that_fires_on_every_frame_is_rolled_back(
+    device: Device, signed_bottle_bundle: SignedBundle, tmp_path: Path
+) -> None:
+    """Passes the golden gate (same graph) but its threshold makes every frame anomalous: rolled back."""
+    b = signed_bottle_bundle
+
+    def trigger_happy(m: dict[str, Any]) -> None:
+        m["created"] = "2099-01-01T00:00:00Z"
+        m["calibration"]["threshold"] = m["calibration"]["raw_min"] - 1.0
+
+    tar, sha = tar_of(edited(b.path, tmp_path / "noisy", trigger_happy, b.private_key), tmp_path / "noisy.tar")
+    version = parse_manifest((b.path / "manifest.json").read_bytes()).model["version"]
+    final = device.final(device.push(tar.as_uri(), sha, version))
+    assert final["phase"] == "rolled_back" and "anomaly rate" in final["reason"], final
+    assert final["model"]["sha"] == verify_bundle_details(b.path, [b.public_key]).manifest_sha256
+    device.keeps_scoring()
+
+
+@pytest.mark.parametrize("phase", ["downloading", "probation"])
+def test_sigkill_mid_update_restarts_on_the_last_active_model(
+    signed_bottle_bundle: SignedBundle, line: LineVideo, v2: Path, tmp_path: Path, phase: str
+) -> None:
+    b = signed_bottle_bundle
+    old_sha = verify_bundle_details(b.path, [b.public_key]).manifest_sha256
+    tar, sha = tar_of(v2, tmp_path / "v2.tar")
+    version = parse_manifest((v2 / "manifest.json").read_bytes()).model["version"]
+    server = StallingServer(tar.read_bytes(), 1000)
+    with Broker(tmp_path / "broker") as broker:
+        device = Device(tmp_path, b, line, broker, probation_s=60.0, stall_timeout_s=30.0)
+        try:
+            url = f"{server.url}/bundle.tar" if phase == "downloading" else tar.as_uri()
+            rid = device.push(url, sha, version)
+            wait_until(lambda: any(s["phase"] == phase for s in device.states(rid)), 30, f"phase {phase}")
+            device.daemon.kill()
+            device.start()
+            final = device.final(rid)
+            assert final["phase"] == ("refused" if phase == "downloading" else "rolled_back"), final
+            assert "restart" in final["reason"] and final["model"]["sha"] == old_sha
+            device.keeps_scoring()
+        finally:
+            server.stop()
+            device.close()
