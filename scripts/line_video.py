@@ -59,10 +59,16 @@ def make_line_video(
     margin: int = 32,
     seed: int = 0,
     limit: int | None = None,
+    labels: set[str] | None = None,
 ) -> LineVideo:
-    """Write ``out`` (.avi, MJPEG) and ``out.parts.json`` from the test images of ``data``; return what was written."""
+    """Write ``out`` (.avi, MJPEG) and ``out.parts.json`` from the test images of ``data`` (only the test/<label>
+    folders named in ``labels``, e.g. {"good"}, when given); return what was written."""
     data, out = Path(data), Path(out)
-    images = sorted(p for p in (data / "test").glob("*/*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(
+        p
+        for p in (data / "test").glob("*/*")
+        if p.suffix.lower() in IMAGE_SUFFIXES and (labels is None or p.parent.name in labels)
+    )
     if not images:
         raise ValueError(f"{data}/test has no images (expected the MVTec layout: test/good, test/<defect>)")
     random.Random(seed).shuffle(images)
