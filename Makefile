@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[train,daemon,opencv,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,daemon,opencv,push,dev]"
 	# tensorrt-stubs declares a dependency on the tensorrt wheel, which cannot be installed
 	# without NVIDIA's servers; the stubs alone are all mypy needs.
 	$(BIN)/python -m pip install -q --no-deps "tensorrt-stubs>=10.0"

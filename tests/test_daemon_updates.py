@@ -25,7 +25,7 @@ from deploy.bundle import pack_tar, sign_bundle, verify_bundle_details
 from deploy.manifest import canonical_bytes, parse_manifest
 from deploy.signing import generate_keypair
 from tests.conftest import SignedBundle
-from tests.daemon_helpers import PREFIX, Daemon, LineVideo, make_line_video, wait_until, write_config
+from tests.daemon_helpers import DEVICE, PREFIX, Daemon, LineVideo, make_line_video, wait_until, write_config
 from tests.mqtt_broker import Broker, Subscriber, publish
 
 STATE = f"{PREFIX}/model/state"
@@ -312,3 +312,26 @@ def test_sigkill_mid_update_restarts_on_the_last_active_model(
         finally:
             server.stop()
             device.close()
+
+
+def test_edge_deploy_push_to_the_real_daemon(
+    device: Device, v2: Path, tmp_path: Path, signed_bottle_bundle: SignedBundle
+) -> None:
+    """`edge-deploy push --wait` serves the bundle over HTTP and follows the real daemon to active."""
+    from deploy.push import BrokerSettings, push
+
+    tar, _ = tar_of(v2, tmp_path / "v2.tar")
+    report = push(
+        tar,
+        [DEVICE],
+        BrokerSettings("127.0.0.1", device.broker.port),
+        wait=True,
+        timeout=90,
+        serve="127.0.0.1:0",
+        trusted=[signed_bottle_bundle.public_key],
+    )
+    result = report.devices[0]
+    assert report.exit_code == 0 and result.outcome == "active", report.to_json()
+    assert [p for p in dict.fromkeys(result.phases)][-2:] == ["probation", "active"]
+    assert sum(report.bytes_served.values()) >= tar.stat().st_size  # the device downloaded it from the pusher
+    device.keeps_scoring()
