@@ -63,6 +63,18 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+
+class _PahoNoise(logging.Filter):
+    """paho's network loop logs "Client is not connected" at ERROR once after every disconnect we asked for
+    (its thread runs one more iteration without a socket); the link reports real connection problems itself."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+_PAHO_LOG = logging.getLogger(__name__ + ".paho")
+_PAHO_LOG.addFilter(_PahoNoise())
+
 PROTOCOLS = ("auto", "5", "3.1.1")
 # CONNACK reason codes that say "this broker does not speak MQTT 5": 0x84 in MQTT 5; a 3.1.1-only broker
 # answers a v5 CONNECT with the 3.1.1 return code 1 (unacceptable protocol version).
@@ -498,7 +510,7 @@ class MqttLink:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
             reconnect_on_failure=False,
         )
-        client.enable_logger(logging.getLogger(__name__ + ".paho"))
+        client.enable_logger(_PAHO_LOG)
         client.max_inflight_messages_set(self._window + 8)  # room for status and retained values
         client.will_set(f"{self._prefix}/status", b"offline", qos=1, retain=True)
         if s.username is not None:
