@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from deploy.bundle import safe_extract, verify_bundle_details
@@ -36,7 +37,7 @@ class LoadedBundle:
     def version(self) -> str:
         return str(self.manifest.model.get("version", "unknown"))
 
-    @property
+    @cached_property  # read on every batch by the pipeline: built once
     def input_spec(self) -> InputSpec:
         return self.manifest.input.to_input_spec()
 

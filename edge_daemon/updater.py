@@ -104,7 +104,6 @@ class Updater:
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=16)
         self._lock = threading.RLock()
         self._probation: dict[str, Any] | None = None  # {"bundle", "previous", "since", "baseline": Probe}
-        self._validated: list[Backend] = []  # the gated backends of the bundle about to go on probation
         self._thread = threading.Thread(target=self._work, name="updater", daemon=True)
         self._load_state()
 
@@ -237,7 +236,7 @@ class Updater:
             }
             self._save_state()
         try:
-            bundle = self._prepare(rid, cmd, target)
+            bundle, backends = self._prepare(rid, cmd, target)
         except Refused as exc:
             with self._lock:
                 self.state["pending"] = None
@@ -245,7 +244,7 @@ class Updater:
                 self._save_state()
             log.warning("update %s refused: %s", rid, exc)
             return
-        self._begin_probation(rid, bundle, target)
+        self._begin_probation(rid, bundle, backends, target)
 
     def _set_phase(
         self, rid: str, phase: str, reason: str | None, target: dict[str, Any], progress: dict[str, Any] | None = None
@@ -256,7 +255,8 @@ class Updater:
                 self._save_state()
         self._publish(rid, phase, reason, target, progress)
 
-    def _prepare(self, rid: str, cmd: ModelSet, target: dict[str, Any]) -> LoadedBundle:
+    def _prepare(self, rid: str, cmd: ModelSet, target: dict[str, Any]) -> tuple[LoadedBundle, list[Backend]]:
+        """Download, verify, build and gate: the bundle and its gated backends (one per worker), or Refused."""
         from edge_daemon.download import DownloadError, fetch
 
         cfg = self.config.updates
@@ -308,10 +308,9 @@ class Updater:
             backends = self.host.make_backends(bundle)
         except BackendError as exc:
             raise Refused(f"validation failed: {exc}") from None
-        self._validated = backends
-        return bundle
+        return bundle, backends
 
-    def _begin_probation(self, rid: str, bundle: LoadedBundle, target: dict[str, Any]) -> None:
+    def _begin_probation(self, rid: str, bundle: LoadedBundle, backends: list[Backend], target: dict[str, Any]) -> None:
         previous = self.host.serving_bundle()
         with self._lock:
             self.state["pending"].update({"phase": "probation", "path": str(bundle.root), "sha": bundle.sha})
@@ -324,8 +323,7 @@ class Updater:
                 "since": self.clock(),
                 "baseline": None,
             }
-            self.host.switch(self._validated, bundle)
-            self._validated = []
+            self.host.switch(backends, bundle)
             self._probation["baseline"] = self.host.probe()
         log.info(
             "update %s: now serving %s %s on probation for %.0f s",

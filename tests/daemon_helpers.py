@@ -97,6 +97,12 @@ class Daemon:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def final_counts(self) -> dict[str, dict[str, Any]]:
+        """The per-camera counts of the daemon's last "final:" log line (its last run when the log holds several)."""
+        lines = [ln for ln in self.text().splitlines() if "final: " in ln]
+        assert lines, f"no final line in the daemon's log:\n{self.text()[-3000:]}"
+        return json.loads(lines[-1].split("final: ", 1)[1])  # type: ignore[no-any-return]
+
 
 def events_of(messages: list[Received]) -> list[dict[str, Any]]:
     """Event JSONs in arrival order, QoS 1 duplicates (same event_id and seq) removed."""

@@ -39,12 +39,6 @@ def model_sha(bundle: SignedBundle) -> str:
     return verify_bundle_details(bundle.path, [bundle.public_key]).manifest_sha256
 
 
-def final_counts(daemon: Daemon) -> dict[str, dict[str, int]]:
-    lines = [ln for ln in daemon.text().splitlines() if "final: " in ln]
-    assert lines, f"no final line in the daemon's log:\n{daemon.text()[-3000:]}"
-    return json.loads(lines[-1].split("final: ", 1)[1])
-
-
 def camera(line: LineVideo, **extra: object) -> dict[str, object]:
     return {"id": "cam0", "source": str(line.video), "roi": list(line.roi), **extra}
 
@@ -61,7 +55,7 @@ def test_video_to_events_and_crops(signed_bottle_bundle: SignedBundle, line: Lin
         )
     msgs = sub.messages
     events = check_events_and_crops(msgs, model_sha(b))
-    counts = final_counts(daemon)["cam0"]
+    counts = daemon.final_counts()["cam0"]
     assert counts["frames_scored"] == line.frames == counts["frames_in"]
     assert counts["frames_dropped"] == 0
     starts = [e for e in events if e["type"] == "start"]
@@ -116,7 +110,7 @@ def test_broker_outages_lose_nothing(signed_bottle_bundle: SignedBundle, shared_
             lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 20, "status stopped"
         )
     events = check_events_and_crops(sub.messages, model_sha(b))
-    counts = final_counts(daemon)["cam0"]
+    counts = daemon.final_counts()["cam0"]
     starts = [e for e in events if e["type"] == "start"]
     assert len(starts) == counts["events_opened"] >= 1
     assert len([e for e in events if e["type"] == "end"]) == counts["events_closed"]
@@ -186,7 +180,7 @@ def test_two_workers_two_cameras(signed_bottle_bundle: SignedBundle, line: LineV
         )
     assert "on 2 worker(s)" in daemon.text()
     events = check_events_and_crops(sub.messages, model_sha(b))
-    counts = final_counts(daemon)
+    counts = daemon.final_counts()
     for cam_id in ("cam0", "cam1"):
         assert counts[cam_id]["frames_scored"] == line.frames
         starts = [e for e in events if e["camera"] == cam_id and e["type"] == "start"]

@@ -156,7 +156,7 @@ def test_push_a_good_bundle(device: Device, v2: Path, tmp_path: Path, signed_bot
     assert [s["phase"] for s in device.states(rid)[n:]] == ["active"]
     # restart: the daemon comes back on the updated model, not the config's bundle
     assert device.daemon.terminate(30) == 0
-    counts = json.loads(device.daemon.text().rsplit("final: ", 1)[1].splitlines()[0])["cam0"]
+    counts = device.daemon.final_counts()["cam0"]
     assert counts["frames_dropped"] == 0 and counts["frames_in"] == counts["frames_scored"], counts  # no frame lost
     device.start()
     wait_until(lambda: device.daemon.text().count("ready:") == 2, 30, "the restarted daemon")
