@@ -81,14 +81,15 @@ class Device:
         self.start()
 
     def start(self) -> None:
-        starts = (
-            self.config.with_suffix(".log").read_text().count("ready:")
-            if self.config.with_suffix(".log").exists()
-            else 0
-        )
+        """Start the daemon and wait until it listens for commands: its link subscribes before it republishes its
+        retained status, so a new "online" from this process means a model/set sent now is received."""
+        onlines = self._onlines()
         self.daemon = Daemon(self.config)
-        wait_until(lambda: self.daemon.text().count("ready:") > starts, 30, "the daemon to be ready")
+        wait_until(lambda: self._onlines() > onlines, 30, "the daemon to connect and subscribe")
         wait_until(lambda: self.states(), 30, "the retained model state")
+
+    def _onlines(self) -> int:
+        return sum(m.payload == b"online" for m in self.sub.on(f"{PREFIX}/status"))
 
     def states(self, request_id: str | None = None) -> list[dict[str, Any]]:
         out = [json.loads(m.payload) for m in self.sub.on(STATE)]
