@@ -20,11 +20,15 @@ batch_size (int), inference_ms_per_image (number, milliseconds), n_normal, n_ano
 n_report_apart (ints: test-set sizes), command (str: the command that produced the record),
 machine (str), date (ISO 8601 date or date-time; no time zone = UTC), settings ({key: string,
 number, boolean or null}: the model settings that differ from its defaults, e.g. {"variant":
-"one_ede"}), checkpoint_epoch (int >= 0: the epoch of the checkpoint evaluated). Any other key is
-an error (it is most likely a misspelling).
+"one_ede"}), checkpoint_epoch (int >= 0: the epoch of the checkpoint evaluated), revision (int >= 1:
+the model's revision, trainer/models; missing = 1). Any other key is an error (it is most likely a
+misspelling).
 
 Settings make a distinct row: a record with settings is shown, and identified, as the model
-``MODEL[key=value,...]`` (keys sorted), e.g. ``ede[variant=one_ede]`` beside ``ede``.
+``MODEL[key=value,...]`` (keys sorted), e.g. ``ede[variant=one_ede]`` beside ``ede``. So does a
+model's revision, but only where a protocol holds records of several revisions of that model:
+then each row is named ``MODEL@rN`` (``oclr@r1`` beside ``oclr@r2``), since the older revision's
+figures belong to code that no longer exists.
 
 Duplicates: when several records share (protocol, model with settings, normal_class) (normal_class
 compared as text, so 3 and "3" are the same), the one with the latest "date" wins; a record without
@@ -220,6 +224,7 @@ OPTIONAL: dict[str, Callable[[Any], str | None]] = {
     "date": _date,
     "settings": _settings,
     "checkpoint_epoch": _int_at_least(0),
+    "revision": _int_at_least(1),
 }
 
 
@@ -394,6 +399,12 @@ def load_records(results_dir: Path) -> tuple[list[Record], int]:
                 records.append((rank, Record(kept, path.name, i)))
     if errors:
         raise InputError(errors)
+    revisions: dict[tuple[str, str], set[int]] = {}
+    for _, rec in records:
+        revisions.setdefault((rec.data["protocol"], rec.data["model"]), set()).add(rec.data.get("revision", 1))
+    for _, rec in records:
+        if len(revisions[(rec.data["protocol"], rec.data["model"])]) > 1:
+            rec.data["model"] = f"{rec.data['model']}@r{rec.data.get('revision', 1)}"
     newest: dict[tuple[str, str, str], tuple[int, Record]] = {}
     for rank, rec in records:
         held = newest.get(rec.key)

@@ -18,8 +18,10 @@ its identity, so ``ede`` and ``ede`` with ``variant=one_ede`` are different rows
 ``--jobs N`` runs N trainings at once, each in its own process, on the one device (small models
 leave a GPU mostly idle); s/epoch and ms/image are then measured under that contention.
 
-Finished (protocol, model, settings, normal_class) records with the same epochs, seed and image
-size are kept and not recomputed, so an interrupted benchmark resumes where it stopped.
+Finished (protocol, model, settings, normal_class) records with the same epochs, seed, image
+size and model revision are kept and not recomputed, so an interrupted benchmark resumes where it
+stopped. A model's ``revision`` (trainer/models) is bumped by a fix that changes what it computes:
+its older records then stay in the file as that revision's and the model is run again.
 Checkpoints are the trainer's own choice (lowest loss on held-out normal images); test data
 never pick anything. Then run `python scripts/make_benchmarks.py` to regenerate docs/benchmarks.md.
 """
@@ -44,7 +46,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer.datasets import prepare  # noqa: E402
 from trainer.eval_run import evaluate_run  # noqa: E402
-from trainer.models import build_config  # noqa: E402
+from trainer.models import build_config, model_class  # noqa: E402
 from trainer.run_dir import METRICS_FILE, write_json_atomic  # noqa: E402
 from trainer.train import TrainOptions, train  # noqa: E402
 
@@ -105,6 +107,7 @@ def _key(r: dict[str, Any]) -> tuple[Any, ...]:
         r["epochs"],
         r["seed"],
         r.get("image_size"),
+        r.get("revision", 1),  # records older than the field are revision 1
     )
 
 
@@ -160,6 +163,7 @@ def _probe(
         "epochs": args.epochs,
         "seed": args.seed,
         "image_size": image_size,
+        "revision": model_class(model).revision,
     }
     if settings:
         probe["settings"] = settings
@@ -171,7 +175,8 @@ def run_one(probe: dict[str, Any], data: Path, work: Path, args: argparse.Namesp
     protocol, model, normal_class = probe["protocol"], probe["model"], probe["normal_class"]
     settings = probe.get("settings") or {}
     image_size = probe["image_size"]
-    name = f"{model}{_slug(settings)}-{normal_class}-{image_size}px-e{args.epochs}-s{args.seed}"
+    revision = f"-r{probe['revision']}" if probe["revision"] > 1 else ""  # never resume an older model's run
+    name = f"{model}{revision}{_slug(settings)}-{normal_class}-{image_size}px-e{args.epochs}-s{args.seed}"
     run = work / "runs" / protocol / name
     t0 = time.time()
     result = train(

@@ -53,6 +53,9 @@ class Detector(nn.Module, ABC):
 
     name: ClassVar[str]
     Config: ClassVar[type[ModelConfig]] = ModelConfig
+    #: Bumped when a change alters what training or scoring computes (a fix, not a refactor), so
+    #: that benchmark results of the older code are kept apart instead of being taken as current.
+    revision: ClassVar[int] = 1
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

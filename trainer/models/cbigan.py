@@ -304,6 +304,7 @@ class CBiGAN(Detector):
 
     name = "cbigan"
     Config = CBiGANConfig
+    revision = 2  # 2: the EMA warms up (scored weights were ~76 % the step-10 copy at our budget)
     config: CBiGANConfig
     step: torch.Tensor
 

@@ -114,6 +114,7 @@ class OCLR(Detector):
 
     name = "oclr"
     Config = OCLRConfig
+    revision = 2  # 2: image loss terms are per-image L1 norms (were means: w_i, w_d ~ 1/pixels)
     config: OCLRConfig
     center: torch.Tensor
 
