@@ -32,7 +32,7 @@ from trainer.export import (
     quantile_threshold,
     score_tolerance,
 )
-from trainer.models import REGISTRY
+from trainer.models import REGISTRY, model_class
 from trainer.run_dir import load_model, read_run_config
 from trainer.train import TrainOptions, split_train_val, train
 
@@ -146,6 +146,7 @@ def test_every_model_exports_a_verified_bundle(name: str, trained, keys: tuple[P
     assert result.bundle_bytes == sum((out / f).stat().st_size for f in on_disk)
     assert manifest.model["name"] == name and manifest.model["version"].startswith(f"{run.name}-")
     assert manifest.model["config"] == read_run_config(run).model_config_values
+    assert manifest.model["revision"] == read_run_config(run).model_revision == model_class(name).revision
     assert (manifest.input.height, manifest.input.width, manifest.input.channels) == (size, size, 1)
 
     # onnx.checker passes; the interface is x [B,1,H,W] -> score [B], map [B,1,H,W] with only B dynamic.

@@ -196,6 +196,16 @@ def test_bad_inputs_get_one_clear_line(mnist_small: Path, tmp_path: Path, shared
         "already holds a different run",
         "model",
     )
+    # A run started by another revision of the model's code is not resumed into a mix of the two.
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["model_revision"] == 1
+    (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "model_revision": 2}))
+    _one_line_error(
+        cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "run", *base),
+        2,
+        "revision 2 of 'ae'",
+        "another --out",
+    )
     _one_line_error(cli("eval", tmp_path / "run", "--data", mnist_small), 2, "test")
     _one_line_error(cli("eval", tmp_path / "no-run"), 2, "does not exist")
     if not torch.cuda.is_available():

@@ -581,6 +581,7 @@ def export_run(
         manifest = Manifest(
             model={
                 "name": cfg.model,
+                "revision": cfg.model_revision,  # which fix level of the model's code trained it
                 "version": f"{run.resolve().name}-{created.date().isoformat()}",
                 "config": dict(cfg.model_config_values),
             },

@@ -32,6 +32,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
     model: str
+    model_revision: int = Field(1, ge=1, description="the model's revision when the run started (older runs: 1)")
     model_config_values: dict[str, Any] = Field(description="the model's resolved pydantic config")
     data: str = Field(description="absolute path of the training data folder")
     epochs: int = Field(ge=1)

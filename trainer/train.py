@@ -178,6 +178,7 @@ def _resolve_config(opts: TrainOptions, existing: RunConfig | None, index: Folde
     tr, va = split_train_val(n, opts.val_fraction, opts.seed)
     fresh = RunConfig(
         model=opts.model,
+        model_revision=model_class(opts.model).revision,
         model_config_values=mc,
         data=str(data),
         epochs=opts.epochs or mc["epochs"],
@@ -205,6 +206,12 @@ def _resolve_config(opts: TrainOptions, existing: RunConfig | None, index: Folde
             f"{opts.out} holds a run with other model settings ("
             + ", ".join(f"{k}={mc.get(k)!r}" for k in changed)
             + "); use another --out for a new run"
+        )
+    if existing.model_revision != fresh.model_revision:
+        raise UserError(
+            f"{opts.out} holds a run of revision {existing.model_revision} of {opts.model!r}, and this code is "
+            f"revision {fresh.model_revision} (a fix changed what the model computes): resuming would mix "
+            "the two; use another --out for a new run"
         )
     diff = asked.same_run_as(existing)
     if diff:
