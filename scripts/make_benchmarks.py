@@ -26,9 +26,10 @@ misspelling).
 
 Settings make a distinct row: a record with settings is shown, and identified, as the model
 ``MODEL[key=value,...]`` (keys sorted), e.g. ``ede[variant=one_ede]`` beside ``ede``. So does a
-model's revision, but only where a protocol holds records of several revisions of that model:
-then each row is named ``MODEL@rN`` (``oclr@r1`` beside ``oclr@r2``), since the older revision's
-figures belong to code that no longer exists.
+model's revision, but only where the results hold several revisions of that model (in any
+protocol): then every row of it is named ``MODEL@rN`` (``oclr@r1`` beside ``oclr@r2``, and
+``cbigan[mode=texture]@r1`` on a protocol not yet re-run), since an older revision's figures belong
+to code that no longer exists.
 
 Duplicates: when several records share (protocol, model with settings, normal_class) (normal_class
 compared as text, so 3 and "3" are the same), the one with the latest "date" wins; a record without
@@ -393,18 +394,19 @@ def load_records(results_dir: Path) -> tuple[list[Record], int]:
             if not problems:
                 # An optional key set to null means "not recorded": drop it.
                 kept = {k: v for k, v in rec.items() if v is not None or k in _schema(rec)[0]}
-                if kept.get("settings"):
-                    # The settings are part of the model's identity: "ede[variant=one_ede]".
-                    kept["model"] = f"{kept['model']}[{_settings_label(kept['settings'])}]"
                 records.append((rank, Record(kept, path.name, i)))
     if errors:
         raise InputError(errors)
-    revisions: dict[tuple[str, str], set[int]] = {}
+    revisions: dict[str, set[int]] = {}
     for _, rec in records:
-        revisions.setdefault((rec.data["protocol"], rec.data["model"]), set()).add(rec.data.get("revision", 1))
+        revisions.setdefault(rec.data["model"], set()).add(rec.data.get("revision", 1))
     for _, rec in records:
-        if len(revisions[(rec.data["protocol"], rec.data["model"])]) > 1:
-            rec.data["model"] = f"{rec.data['model']}@r{rec.data.get('revision', 1)}"
+        name = rec.data["model"]
+        if rec.data.get("settings"):
+            # The settings are part of the model's identity: "ede[variant=one_ede]".
+            rec.data["model"] = f"{name}[{_settings_label(rec.data['settings'])}]"
+        if len(revisions[name]) > 1:
+            rec.data["model"] += f"@r{rec.data.get('revision', 1)}"
     newest: dict[tuple[str, str, str], tuple[int, Record]] = {}
     for rank, rec in records:
         held = newest.get(rec.key)

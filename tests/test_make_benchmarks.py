@@ -300,17 +300,18 @@ def test_settings_make_a_distinct_row(tmp_path: Path, results: Path) -> None:
 
 def test_revisions_are_apart_only_where_several_exist(tmp_path: Path, results: Path) -> None:
     # oclr was fixed (revision 2) and re-run on digit 3 only: the old figures must not mix into the new
-    # row, nor be superseded by a newer date. ganomaly (one revision, unlabelled) keeps its plain name.
+    # row, nor be superseded by a newer date; its industrial row, not re-run yet, is marked as the old
+    # revision's. ganomaly (one revision) keeps its plain name.
     recs = [_record("mnist-oneclass", "oclr", d, 0.6, date="2025-01-02") for d in (1, 3)]
     recs.append(_record("mnist-oneclass", "oclr", 3, 0.9, revision=2, date="2025-02-02"))
-    recs.append(_record("industrial", "oclr", "magnetic_tile", 0.7))  # other protocol: one revision
+    recs.append(_record("industrial", "oclr", "magnetic_tile", 0.7, settings={"k": 0}))
     (results / "c.json").write_text(json.dumps(recs))
     proc = _run(tmp_path)
     assert proc.returncode == 0, proc.stderr
     text = (tmp_path / "bench.md").read_text()
     assert _row(text, "oclr@r1")[2:5] == ["0.600", "–", "0.600"]
     assert _row(text, "oclr@r2")[2:5] == ["–", "–", "0.900"]
-    assert _row(text, "magnetic_tile", "oclr")[2] == "0.700"
+    assert _row(text, "magnetic_tile", "oclr[k=0]@r1")[2] == "0.700"
     assert _row(text, "ganomaly")[2] == "0.710"
     (results / "c.json").write_text(json.dumps([_record("elpv", "ae", "all", 0.6, revision=0)]))
     proc = _run(tmp_path)
