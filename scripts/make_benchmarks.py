@@ -26,10 +26,10 @@ misspelling).
 
 Settings make a distinct row: a record with settings is shown, and identified, as the model
 ``MODEL[key=value,...]`` (keys sorted), e.g. ``ede[variant=one_ede]`` beside ``ede``. So does a
-model's revision, but only where the results hold several revisions of that model (in any
-protocol): then every row of it is named ``MODEL@rN`` (``oclr@r1`` beside ``oclr@r2``, and
-``cbigan[mode=texture]@r1`` on a protocol not yet re-run), since an older revision's figures belong
-to code that no longer exists.
+model's revision, but only where the quality results (not throughput or streaming) hold several
+revisions of that model, in any protocol: then every quality row of it is named ``MODEL@rN``
+(``oclr@r1`` beside ``oclr@r2``, and ``cbigan[mode=texture]@r1`` on a protocol not yet re-run),
+since an older revision's figures belong to code that no longer exists.
 
 Duplicates: when several records share (protocol, model with settings, normal_class) (normal_class
 compared as text, so 3 and "3" are the same), the one with the latest "date" wins; a record without
@@ -397,15 +397,18 @@ def load_records(results_dir: Path) -> tuple[list[Record], int]:
                 records.append((rank, Record(kept, path.name, i)))
     if errors:
         raise InputError(errors)
+    # Revisions concern what a model computes, so only detection-quality records are told apart by
+    # them (throughput and streaming figures depend on the graph, which a fix usually leaves alone).
+    quality = {id(rec): rec for _, rec in records if _schema(rec.data)[0] is REQUIRED}
     revisions: dict[str, set[int]] = {}
-    for _, rec in records:
+    for rec in quality.values():
         revisions.setdefault(rec.data["model"], set()).add(rec.data.get("revision", 1))
     for _, rec in records:
         name = rec.data["model"]
         if rec.data.get("settings"):
             # The settings are part of the model's identity: "ede[variant=one_ede]".
             rec.data["model"] = f"{name}[{_settings_label(rec.data['settings'])}]"
-        if len(revisions[name]) > 1:
+        if id(rec) in quality and len(revisions[name]) > 1:
             rec.data["model"] += f"@r{rec.data.get('revision', 1)}"
     newest: dict[tuple[str, str, str], tuple[int, Record]] = {}
     for rank, rec in records:

@@ -305,6 +305,7 @@ def test_revisions_are_apart_only_where_several_exist(tmp_path: Path, results: P
     recs = [_record("mnist-oneclass", "oclr", d, 0.6, date="2025-01-02") for d in (1, 3)]
     recs.append(_record("mnist-oneclass", "oclr", 3, 0.9, revision=2, date="2025-02-02"))
     recs.append(_record("industrial", "oclr", "magnetic_tile", 0.7, settings={"k": 0}))
+    recs.append(_throughput("oclr", "32px-1ch", 200.0, 800.0))  # speed, not quality: no revision mark
     (results / "c.json").write_text(json.dumps(recs))
     proc = _run(tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -313,6 +314,7 @@ def test_revisions_are_apart_only_where_several_exist(tmp_path: Path, results: P
     assert _row(text, "oclr@r2")[2:5] == ["–", "–", "0.900"]
     assert _row(text, "magnetic_tile", "oclr[k=0]@r1")[2] == "0.700"
     assert _row(text, "ganomaly")[2] == "0.710"
+    assert _row(text, "oclr", "32px-1ch")[2] == "200.0"
     (results / "c.json").write_text(json.dumps([_record("elpv", "ae", "all", 0.6, revision=0)]))
     proc = _run(tmp_path)
     assert proc.returncode == 2 and "'revision'" in proc.stderr and "Traceback" not in proc.stderr
