@@ -45,15 +45,16 @@ Choices the paper leaves open ("paper: ...; ours: ..."):
   function in G's step; D' weights get none).
 - paper: image terms written as L1 norms, latent terms as L2 norms; ours: norms throughout, i.e. the
   image terms are per-image SUMS over pixels and channels, as the latent terms are per-image norms.
-  Found after the GPU benchmarks (not yet re-benchmarked): the image terms used to be MEANS over
-  pixels and channels while the latent terms stayed norms, which divided w_i and w_d by the pixel
-  count (1,024 at 32 px, 49,152 at 128 px RGB): G's loss was about 2 % reconstruction and G did not
-  learn to reconstruct (|x - G(x)| 0.92 -> 0.90 in 3 epochs), did not win its game against D', and
-  D''s deliberately bad reconstruction of G(x) made the score rank NORMAL images as anomalous
-  (one-class MNIST digit 3, base_channels 32, 5 epochs, CPU: AUROC 0.289 with means, 0.871 with
-  sums; digit 2 0.770 -> 0.797; digit 1 seed 2 0.962 -> 0.998). ``image_norm="mean"`` restores the
-  old units. The D' loss uses the same units (its balance k does not depend on them). The score and
-  the map stay means in [0, 1] pixel units (a monotone rescaling of the sum: the same AUROC).
+  Found after the GPU benchmarks (revision 2, re-run on five MNIST digits: docs/benchmarks.md): the
+  image terms used to be MEANS over pixels and channels while the latent terms stayed norms, which
+  divided w_i and w_d by the pixel count (1,024 at 32 px, 49,152 at 128 px RGB): G's loss was about
+  2 % reconstruction and G did not learn to reconstruct (|x - G(x)| 0.92 -> 0.90 in 3 epochs), did
+  not win its game against D', and D''s deliberately bad reconstruction of G(x) made the score rank
+  NORMAL images as anomalous (one-class MNIST digit 3, base_channels 32, 5 epochs, CPU: AUROC 0.289
+  with means, 0.871 with sums; digit 2 0.770 -> 0.797; digit 1 seed 2 0.962 -> 0.998).
+  ``image_norm="mean"`` restores the old units. The D' loss uses the same units (its balance k does
+  not depend on them). The score and the map stay means in [0, 1] pixel units (a monotone rescaling
+  of the sum: the same AUROC).
 - paper: update order and data per step unstated; ours: per batch one G step, then one D step and
   one D' step, both on the G(x) computed in the G step (before G's update, detached), as
   GANomaly's reference reuses its fake batch.
