@@ -127,6 +127,17 @@ class Pipeline:
         """One batch: every camera's newest frame (if it has a new one). Returns the number of frames scored."""
         self._apply_swap()
         self._close_lost_cameras()
+        return self._score_latest()
+
+    def drain(self) -> int:
+        """Score the frames left in the slots once the cameras are stopped (shutdown); returns how many.
+
+        Unlike ``step`` it neither swaps models nor closes the stopped cameras' events as lost: the caller
+        closes them with reason "shutdown" afterwards.
+        """
+        return self._score_latest()
+
+    def _score_latest(self) -> int:
         batch: list[tuple[CameraLane, Frame]] = []
         for lane in self.lanes.values():
             frame = lane.camera.take()
@@ -259,6 +270,10 @@ class PipelinePool:
     def close_all(self, reason: EndReason) -> None:
         for p in self.pipelines:
             p.close_all(reason)
+
+    def drain(self) -> int:
+        """Each worker's ``drain``, on the calling thread (after ``run`` returned). Returns frames scored."""
+        return sum(p.drain() for p in self.pipelines)
 
     def run(self, stop: threading.Event) -> str:
         """Run every worker until ``stop`` ("stopped") or until all their cameras ended ("ended")."""

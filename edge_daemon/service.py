@@ -235,6 +235,11 @@ class Daemon:
         log.info("pipeline %s; shutting down", outcome)
         self.notifier.stopping("draining events")
         self.stop_event.set()
+        # Cameras first, then the frames they left in their slots: every frame read is scored or counted
+        # dropped, so the final counts add up (frames_in == frames_scored + frames_dropped).
+        for camera in self.cameras.values():
+            camera.stop()
+        self.pipeline.drain()
         self.pipeline.close_all("shutdown")
         self._publish_stats()
         self._teardown()
@@ -242,8 +247,11 @@ class Daemon:
         return 0
 
     def final_counts(self) -> dict[str, Any]:
-        """Per camera: frames captured, dropped and scored, events opened and closed, capture-to-outbox latency
-        percentiles over the last frames, ms (the log's last line)."""
+        """Per camera: frames captured, dropped, skipped (fps cap) and scored, events opened and closed,
+        capture-to-outbox latency percentiles over the last frames, ms (the log's last line).
+
+        After a shutdown, frames_in == frames_scored + frames_dropped + frames_skipped, less the frames whose
+        ROI did not fit (the camera's roi_errors) and those of failed batches (the batches: backend_errors)."""
         assert self.pipeline is not None
         out: dict[str, Any] = {}
         for cam_id, lane in self.pipeline.lanes.items():
@@ -251,6 +259,7 @@ class Daemon:
             out[cam_id] = {
                 "frames_in": cam.get("frames_in"),
                 "frames_dropped": cam.get("frames_dropped"),
+                "frames_skipped": cam.get("frames_skipped"),
                 "frames_scored": lane.scored,
                 "events_opened": ev["events_opened"],
                 "events_closed": ev["events_closed"],

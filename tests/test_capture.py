@@ -276,14 +276,16 @@ def test_slot_counts_replaced_frames_and_lossless_waits(bottle_images: list[np.n
     assert done.wait(DEADLINE_S)
     second = lossless.take()
     assert second is not None and second.seq == 1 and lossless.dropped == 0
-    # close() releases a waiting put, which then reports that the frame was not stored
+    # close() releases a waiting put, which then reports that the frame was not stored: it is counted dropped
     lossless.put(Frame("c", img, 2, 0.0, 0.0))
     result: list[bool] = []
     t = threading.Thread(target=lambda: result.append(lossless.put(Frame("c", img, 3, 0.0, 0.0))), daemon=True)
     t.start()
     lossless.close()
     t.join(DEADLINE_S)
-    assert result == [False]
+    assert result == [False] and lossless.dropped == 1
+    left = lossless.take()
+    assert left is not None and left.seq == 2, "close keeps the unread frame for a last take"
 
 
 # ---- file cameras ----------------------------------------------------------------------------------------------
@@ -365,6 +367,29 @@ def test_realtime_file_is_paced_and_counts_drops_for_a_slow_consumer(
     assert len(taken) + stats["frames_dropped"] == n
     seqs = [f.seq for f in taken]
     assert seqs == sorted(seqs) and seqs[-1] == n - 1
+
+
+@pytest.mark.parametrize("realtime", [True, False], ids=["lossy", "lossless"])
+def test_stop_mid_stream_leaves_every_frame_read_taken_or_dropped(
+    tmp_path: Path, bottle_images: list[np.ndarray], cameras: list[Camera], realtime: bool
+) -> None:
+    """The daemon's shutdown contract: stop the camera, take what it left, and the counts add up."""
+    path = write_video(tmp_path / "loop.avi", bottle_images[:10], fps=50.0)
+    for k in range(3):  # stops at different points of the reader's cycle
+        cam = Camera(f"stop{k}", str(path), loop=True, realtime=realtime)
+        cameras.append(cam)
+        cam.start()
+        taken = 0
+        end = time.monotonic() + DEADLINE_S
+        while taken < 5 + 3 * k:
+            assert time.monotonic() < end, f"too few frames; status {cam.status}"
+            taken += cam.take() is not None
+            time.sleep(0.013)
+        cam.stop()
+        assert not cam.running
+        taken += cam.take() is not None  # the last frame the reader left in the slot
+        stats = cam.stats()
+        assert stats["frames_in"] == taken + stats["frames_dropped"], (taken, stats)
 
 
 def test_fps_cap_skips_frames_read_too_soon(

@@ -84,8 +84,9 @@ class LatestFrameSlot:
     """A bounded slot of size 1 between a camera thread (put) and the scorer (take).
 
     Lossy (default): ``put`` replaces an unread frame and counts it in ``dropped``. Lossless: ``put``
-    waits until the previous frame was taken (or ``close`` was called) and nothing is dropped.
-    Thread-safe.
+    waits until the previous frame was taken (or ``close`` was called) and nothing is dropped. A frame
+    offered after ``close`` is refused and counted in ``dropped`` too, so every frame put is, in the end,
+    taken or dropped. Thread-safe.
     """
 
     def __init__(self, lossless: bool = False) -> None:
@@ -96,12 +97,14 @@ class LatestFrameSlot:
         self._cond = threading.Condition()
 
     def put(self, frame: Frame) -> bool:
-        """Offer ``frame``; returns False only when the slot was closed (the frame was not stored)."""
+        """Offer ``frame``; returns False only when the slot was closed (the frame was not stored, and is
+        counted as dropped)."""
         with self._cond:
             if self.lossless:
                 while self._frame is not None and not self._closed:
                     self._cond.wait()
             if self._closed:
+                self.dropped += 1
                 return False
             if self._frame is not None:
                 self.dropped += 1
@@ -223,15 +226,20 @@ class Camera:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Ask the thread to stop and wait up to ``timeout_s`` seconds for it.
 
-        A read blocked inside OpenCV cannot be interrupted; such a (daemon) thread is left to finish
-        on its own once the read returns or times out, and releases its capture then.
+        A frame the reader already counted in ``frames_in`` still reaches the slot (lossy) or is counted
+        as dropped (lossless, whose waiting put is released), so after ``stop`` every frame read is either
+        in the slot, taken or dropped: the pipeline's last ``drain`` makes frames_in == scored + dropped.
+        A read blocked inside OpenCV cannot be interrupted; such a (daemon) thread is left to finish on its
+        own once the read returns or times out, and releases its capture then.
         """
         self._stop.set()
-        self._slot.close()
+        if self.lossless:
+            self._slot.close()  # releases a put waiting for the scorer, which has stopped taking
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.warning("camera %s: reader blocked in a read after %.1f s; left to exit", self.camera_id, timeout_s)
+        self._slot.close()
 
     def take(self) -> Frame | None:
         """The latest unread frame, or None (never blocks)."""
