@@ -31,10 +31,16 @@ revisions of that model, in any protocol: then every quality row of it is named 
 (``oclr@r1`` beside ``oclr@r2``, and ``cbigan[mode=texture]@r1`` on a protocol not yet re-run),
 since an older revision's figures belong to code that no longer exists.
 
-Duplicates: when several records share (protocol, model with settings, normal_class) (normal_class
+Duplicates: when several records share (protocol, model with settings, normal_class, seed) (normal_class
 compared as text, so 3 and "3" are the same), the one with the latest "date" wins; a record without
 a date is older than any dated one; equal dates go to the later file (by file name), then the later
 index.
+
+Seeds: records that differ only in their seed are repeats of one experiment, not duplicates. The
+one-class MNIST table shows, per digit, the mean over the seeds and their sample standard deviation
+("0.932 ± 0.010"; a cell without ± holds one seed), the mean AUROC over the digits' means, and a
+"seeds" column; the per-record tables (industrial, ELPV, ...) show one row per seed with a "seed"
+column, when any of their records repeat with another seed.
 
 The page: a generated-file header naming this command; then one section per protocol ("mnist-oneclass",
 "industrial", "elpv" first, any other protocol after them in name order), each with the hand-written
@@ -330,9 +336,9 @@ class Record:
     index: int
 
     @property
-    def key(self) -> tuple[str, str, str]:
-        """(protocol, model, normal_class as text): the identity of a benchmark figure."""
-        return (self.data["protocol"], self.data["model"], str(self.data["normal_class"]))
+    def key(self) -> tuple[str, str, str, str]:
+        """(protocol, model, normal_class as text, seed as text): the identity of a benchmark figure."""
+        return (self.data["protocol"], self.data["model"], str(self.data["normal_class"]), str(self.data.get("seed")))
 
     @property
     def normal_class(self) -> str:
@@ -410,7 +416,7 @@ def load_records(results_dir: Path) -> tuple[list[Record], int]:
             rec.data["model"] = f"{name}[{_settings_label(rec.data['settings'])}]"
         if id(rec) in quality and len(revisions[name]) > 1:
             rec.data["model"] += f"@r{rec.data.get('revision', 1)}"
-    newest: dict[tuple[str, str, str], tuple[int, Record]] = {}
+    newest: dict[tuple[str, str, str, str], tuple[int, Record]] = {}
     for rank, rec in records:
         held = newest.get(rec.key)
         if held is None or rec.recency(rank) > held[1].recency(held[0]):
@@ -434,7 +440,7 @@ def _cell(text: Any) -> str:
 
 
 #: Table columns holding text (left-aligned); every other column holds numbers (right-aligned).
-TEXT_COLUMNS = frozenset({"model", "dataset", "normal class", "device", "per-defect AUROC"})
+TEXT_COLUMNS = frozenset({"model", "dataset", "normal class", "device", "per-defect AUROC", "seeds"})
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> list[str]:
@@ -470,23 +476,46 @@ def _has(records: Sequence[Record], key: str) -> bool:
     return any(r.data.get(key) is not None for r in records)
 
 
+def _repeated_seeds(records: Sequence[Record]) -> bool:
+    """True when some (model, normal_class) figure was measured with more than one seed."""
+    seeds: dict[tuple[str, str], set[Any]] = {}
+    for r in records:
+        seeds.setdefault((r.data["model"], r.normal_class), set()).add(r.data.get("seed"))
+    return any(len(s) > 1 for s in seeds.values())
+
+
+def _mean_sd(values: Sequence[float]) -> str:
+    """The mean with 3 decimals, and ``± sd`` (sample standard deviation) when there are several values."""
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3f}"
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.3f} ± {sd:.3f}"
+
+
 def _mnist_table(records: Sequence[Record]) -> list[str]:
-    """Rows = models; columns = AUROC per normal digit, mean AUROC, s/epoch, epochs, device."""
+    """Rows = models; columns = AUROC per normal digit (mean ± sd over seeds), mean AUROC, s/epoch, epochs,
+    device, and the seeds when some figure was repeated with another seed."""
     with_ms = _has(records, "inference_ms_per_image")
+    with_seeds = _repeated_seeds(records)
     header = ["model", *MNIST_DIGITS, "mean AUROC", "s/epoch", "epochs", "device"]
     if with_ms:
         header.insert(-1, "ms/image")
+    if with_seeds:
+        header.append("seeds")
     rows: list[list[str]] = []
     for model in sorted({r.data["model"] for r in records}):
         mine = [r for r in records if r.data["model"] == model]
-        by_digit = {r.normal_class: r for r in mine}
-        aurocs = [float(by_digit[d].data["auroc"]) for d in MNIST_DIGITS if d in by_digit]
-        mean = _f3(_mean(aurocs))
-        if len(aurocs) < len(MNIST_DIGITS):
-            mean += f" ({len(aurocs)} of {len(MNIST_DIGITS)})"
+        by_digit: dict[str, list[float]] = {}
+        for r in sorted(mine, key=lambda r: r.data["seed"]):
+            by_digit.setdefault(r.normal_class, []).append(float(r.data["auroc"]))
+        digit_means = [sum(by_digit[d]) / len(by_digit[d]) for d in MNIST_DIGITS if d in by_digit]
+        mean = _f3(_mean(digit_means))
+        if len(digit_means) < len(MNIST_DIGITS):
+            mean += f" ({len(digit_means)} of {len(MNIST_DIGITS)})"
         row = [
             model,
-            *(_f3(by_digit[d].data["auroc"]) if d in by_digit else DASH for d in MNIST_DIGITS),
+            *(_mean_sd(by_digit[d]) if d in by_digit else DASH for d in MNIST_DIGITS),
             mean,
             _f3(_mean([float(r.data["seconds_per_epoch"]) for r in mine])),
             _range_int(r.data["epochs"] for r in mine),
@@ -495,6 +524,8 @@ def _mnist_table(records: Sequence[Record]) -> list[str]:
         if with_ms:
             ms = [float(r.data["inference_ms_per_image"]) for r in mine if "inference_ms_per_image" in r.data]
             row.insert(-1, _f3(_mean(ms)))
+        if with_seeds:
+            row.append(", ".join(str(seed) for seed in sorted({r.data["seed"] for r in mine})))
         rows.append(row)
     lines = _table(header, rows)
     lines += [
@@ -503,6 +534,11 @@ def _mnist_table(records: Sequence[Record]) -> list[str]:
         'mean AUROC: over the 10 digits ("k of 10" when some are missing: not comparable). '
         "s/epoch: mean over the digits' runs.",
     ]
+    if with_seeds:
+        lines[-1] += (
+            " A cell with ± is the mean ± sample standard deviation over the seeds that ran that digit (a cell "
+            "without it: one seed); the mean AUROC is over the digits' means; seeds: those of any of the row's cells."
+        )
     return lines
 
 
@@ -522,13 +558,17 @@ def _industrial_table(records: Sequence[Record]) -> list[str]:
     if with_ms:
         header.append("ms/image")
     header.append("per-defect AUROC")
+    with_seeds = _repeated_seeds(records)
+    if with_seeds:
+        header.insert(2, "seed")
     rows: list[list[str]] = []
-    for rec in sorted(records, key=lambda r: (r.normal_class, r.data["model"])):
+    for rec in sorted(records, key=lambda r: (r.normal_class, r.data["model"], r.data["seed"])):
         d = rec.data
         counts = f"{d['n_normal']}/{d['n_anomalous']}" if "n_normal" in d and "n_anomalous" in d else DASH
         row = [
             rec.normal_class,
             d["model"],
+            *([str(d["seed"])] if with_seeds else []),
             _f3(d["auroc"]),
             _f3(d["max_balanced_accuracy"]),
             _f3(d.get("pixel_auroc")),
@@ -549,15 +589,17 @@ def _generic_table(records: Sequence[Record]) -> list[str]:
     with_defects = _has(records, "per_defect_auroc")
     with_counts = _has(records, "n_normal") or _has(records, "n_anomalous")
     with_ms = _has(records, "inference_ms_per_image")
-    header = ["normal class", "model", "AUROC", "max bal. acc."]
+    with_seeds = _repeated_seeds(records)
+    header = ["normal class", "model", *(["seed"] if with_seeds else []), "AUROC", "max bal. acc."]
     header += ["pixel AUROC"] if with_pixel else []
     header += ["test normal/anomalous"] if with_counts else []
     header += ["epochs", "s/epoch"] + (["ms/image"] if with_ms else []) + ["device"]
     header += ["per-defect AUROC"] if with_defects else []
     rows: list[list[str]] = []
-    for rec in sorted(records, key=lambda r: (r.normal_class, r.data["model"])):
+    for rec in sorted(records, key=lambda r: (r.normal_class, r.data["model"], r.data["seed"])):
         d = rec.data
-        row = [rec.normal_class, d["model"], _f3(d["auroc"]), _f3(d["max_balanced_accuracy"])]
+        row = [rec.normal_class, d["model"], *([str(d["seed"])] if with_seeds else [])]
+        row += [_f3(d["auroc"]), _f3(d["max_balanced_accuracy"])]
         if with_pixel:
             row.append(_f3(d.get("pixel_auroc")))
         if with_counts:

@@ -320,6 +320,34 @@ def test_revisions_are_apart_only_where_several_exist(tmp_path: Path, results: P
     assert proc.returncode == 2 and "'revision'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_seeds_are_repeats_shown_as_mean_and_sd(tmp_path: Path, results: Path) -> None:
+    # ede on digit 2 with seeds 0, 1, 2 and digit 3 with seed 0 only; a re-run of seed 1 with a later
+    # date supersedes the first seed-1 record (same key), and the other seeds are not superseded.
+    recs = [_record("mnist-oneclass", "ede", 2, a, seed=s) for a, s in ((0.90, 0), (0.70, 1), (0.94, 2))]
+    recs.append(_record("mnist-oneclass", "ede", 2, 0.92, seed=1, date="2026-01-01"))
+    recs.append(_record("mnist-oneclass", "ede", 3, 0.80, seed=0))
+    recs += [_record("industrial", "ae", "magnetic_tile", a, seed=s) for a, s in ((0.7, 0), (0.6, 1))]
+    (results / "c.json").write_text(json.dumps(recs))
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "bench.md").read_text()
+    header = _header(text, "model")
+    assert header[-1] == "seeds"
+    ede = _row(text, "ede")
+    assert ede[3] == "0.920 ± 0.020"  # digit 2: mean and sample sd of 0.90, 0.92, 0.94
+    assert ede[4] == "0.800"  # digit 3: one seed, no ±
+    assert ede[11] == "0.860 (2 of 10)"  # the mean of the digits' means
+    assert ede[-1] == "0, 1, 2"
+    ae = _row(text, "ae")  # one seed only: the same figures as before, and the column is there
+    assert ae[1] == "0.990" and ae[-1] == "0"
+    assert _row(text, "magnetic_tile", "ae", "0")[3] == "0.700"
+    assert _row(text, "magnetic_tile", "ae", "1")[3] == "0.600"
+    # Without repeats there is no seeds column at all.
+    (results / "c.json").unlink()
+    assert _run(tmp_path).returncode == 0
+    assert "seeds" not in _header((tmp_path / "bench.md").read_text(), "model")
+
+
 def test_bad_settings_are_clear_errors(tmp_path: Path, results: Path) -> None:
     bad = [
         _record("elpv", "ae", "all", 0.6, settings="variant=ae"),
