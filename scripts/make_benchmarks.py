@@ -493,6 +493,18 @@ def _mean_sd(values: Sequence[float]) -> str:
     return f"{mean:.3f} ± {sd:.3f}"
 
 
+def _mean_per_device(records: Sequence[Record], key: str) -> str:
+    """The mean of ``key`` over ``records`` (3 decimals); when they ran on several devices, one mean per
+    device ("1.446 cuda; 90.100 cpu"), since a timing averaged across devices means nothing."""
+    by_device: dict[str, list[float]] = {}
+    for r in records:
+        if key in r.data:
+            by_device.setdefault(str(r.data["device"]), []).append(float(r.data[key]))
+    if len(by_device) <= 1:
+        return _f3(_mean(next(iter(by_device.values()), [])))
+    return "; ".join(f"{_f3(_mean(v))} {device}" for device, v in sorted(by_device.items()))
+
+
 def _mnist_table(records: Sequence[Record]) -> list[str]:
     """Rows = models; columns = AUROC per normal digit (mean ± sd over seeds), mean AUROC, s/epoch, epochs,
     device, and the seeds when some figure was repeated with another seed."""
@@ -517,13 +529,12 @@ def _mnist_table(records: Sequence[Record]) -> list[str]:
             model,
             *(_mean_sd(by_digit[d]) if d in by_digit else DASH for d in MNIST_DIGITS),
             mean,
-            _f3(_mean([float(r.data["seconds_per_epoch"]) for r in mine])),
+            _mean_per_device(mine, "seconds_per_epoch"),
             _range_int(r.data["epochs"] for r in mine),
             _joined(r.data["device"] for r in mine),
         ]
         if with_ms:
-            ms = [float(r.data["inference_ms_per_image"]) for r in mine if "inference_ms_per_image" in r.data]
-            row.insert(-1, _f3(_mean(ms)))
+            row.insert(-1, _mean_per_device(mine, "inference_ms_per_image"))
         if with_seeds:
             row.append(", ".join(str(seed) for seed in sorted({r.data["seed"] for r in mine})))
         rows.append(row)
@@ -532,7 +543,7 @@ def _mnist_table(records: Sequence[Record]) -> list[str]:
         "",
         "Cells: image AUROC with that digit as the normal class (the nine others anomalous). "
         'mean AUROC: over the 10 digits ("k of 10" when some are missing: not comparable). '
-        "s/epoch: mean over the digits' runs.",
+        "s/epoch: mean over the digits' runs (per device when a row ran on several).",
     ]
     if with_seeds:
         lines[-1] += (

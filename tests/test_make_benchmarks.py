@@ -324,7 +324,7 @@ def test_seeds_are_repeats_shown_as_mean_and_sd(tmp_path: Path, results: Path) -
     # ede on digit 2 with seeds 0, 1, 2 and digit 3 with seed 0 only; a re-run of seed 1 with a later
     # date supersedes the first seed-1 record (same key), and the other seeds are not superseded.
     recs = [_record("mnist-oneclass", "ede", 2, a, seed=s) for a, s in ((0.90, 0), (0.70, 1), (0.94, 2))]
-    recs.append(_record("mnist-oneclass", "ede", 2, 0.92, seed=1, date="2026-01-01"))
+    recs.append(_record("mnist-oneclass", "ede", 2, 0.92, seed=1, date="2026-01-01", device="cuda"))
     recs.append(_record("mnist-oneclass", "ede", 3, 0.80, seed=0))
     recs += [_record("industrial", "ae", "magnetic_tile", a, seed=s) for a, s in ((0.7, 0), (0.6, 1))]
     (results / "c.json").write_text(json.dumps(recs))
@@ -338,6 +338,7 @@ def test_seeds_are_repeats_shown_as_mean_and_sd(tmp_path: Path, results: Path) -
     assert ede[4] == "0.800"  # digit 3: one seed, no ±
     assert ede[11] == "0.860 (2 of 10)"  # the mean of the digits' means
     assert ede[-1] == "0, 1, 2"
+    assert ede[12] == "2.000 cpu; 2.000 cuda"  # s/epoch is never averaged across devices
     ae = _row(text, "ae")  # one seed only: the same figures as before, and the column is there
     assert ae[1] == "0.990" and ae[-1] == "0"
     assert _row(text, "magnetic_tile", "ae", "0")[3] == "0.700"
