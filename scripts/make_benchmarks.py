@@ -58,6 +58,7 @@ import argparse
 import json
 import math
 import re
+import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -486,11 +487,9 @@ def _repeated_seeds(records: Sequence[Record]) -> bool:
 
 def _mean_sd(values: Sequence[float]) -> str:
     """The mean with 3 decimals, and ``± sd`` (sample standard deviation) when there are several values."""
-    mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean:.3f}"
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.3f} ± {sd:.3f}"
+        return f"{values[0]:.3f}"
+    return f"{statistics.fmean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def _mean_per_device(records: Sequence[Record], key: str) -> str:
@@ -519,9 +518,9 @@ def _mnist_table(records: Sequence[Record]) -> list[str]:
     for model in sorted({r.data["model"] for r in records}):
         mine = [r for r in records if r.data["model"] == model]
         by_digit: dict[str, list[float]] = {}
-        for r in sorted(mine, key=lambda r: r.data["seed"]):
+        for r in mine:
             by_digit.setdefault(r.normal_class, []).append(float(r.data["auroc"]))
-        digit_means = [sum(by_digit[d]) / len(by_digit[d]) for d in MNIST_DIGITS if d in by_digit]
+        digit_means = [statistics.fmean(by_digit[d]) for d in MNIST_DIGITS if d in by_digit]
         mean = _f3(_mean(digit_means))
         if len(digit_means) < len(MNIST_DIGITS):
             mean += f" ({len(digit_means)} of {len(MNIST_DIGITS)})"
