@@ -273,6 +273,19 @@ def test_eval_metrics_go_into_the_manifest_for_the_same_checkpoint(trained, tmp_
     # Metrics of another checkpoint are left out rather than shipped with the wrong weights.
     result = export_run(run, tmp_path / "b2", checkpoint="last", console=QUIET)
     assert result.manifest.metrics is None and result.manifest.training["checkpoint"] == "last"
+    # Evaluating the last checkpoint writes RUN/eval-last and leaves the best's metrics alone.
+    best_metrics = (run / "eval" / "metrics.json").read_text()
+    last = evaluate_run(run, checkpoint="last", device="cpu", console=QUIET)
+    assert (run / "eval" / "metrics.json").read_text() == best_metrics
+    assert json.loads((run / "eval-last" / "metrics.json").read_text()) == last
+    assert (run / "eval-last" / "roc.png").stat().st_size > 0
+    result = export_run(run, tmp_path / "b3", checkpoint="last", console=QUIET)
+    assert result.manifest.metrics == last and result.manifest.metrics["checkpoint"] == "last"
+    # A best checkpoint evaluated before the run went on (another epoch) is stale: left out.
+    stale = json.loads(best_metrics)
+    stale["epoch"] -= 1
+    (run / "eval" / "metrics.json").write_text(json.dumps(stale))
+    assert export_run(run, tmp_path / "b4", console=QUIET).manifest.metrics is None
 
 
 def test_f1_threshold_on_arrays() -> None:

@@ -142,7 +142,10 @@ def eval_(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
-    """Evaluate a run on DIR/test: image AUROC, max balanced accuracy, per-defect and pixel AUROC; plots in RUN/eval."""
+    """Evaluate a run on DIR/test: image AUROC, max balanced accuracy, per-defect and pixel AUROC.
+
+    Metrics and plots go to RUN/eval (best checkpoint) or RUN/eval-last (--checkpoint last).
+    """
     from trainer.eval_run import evaluate_run
 
     result = _run(lambda: evaluate_run(run, data, checkpoint=checkpoint, device=device))

@@ -1,7 +1,8 @@
 """Evaluate a trained RUN on a data folder's test split: scores, metrics, plots.
 
-Writes RUN/eval/metrics.json, RUN/eval/roc.png and RUN/eval/extremes.png (the most and least
-anomalous test images with their anomaly maps) and returns the metrics as a dict with at least
+Writes metrics.json, roc.png and extremes.png (the most and least anomalous test images with
+their anomaly maps) to RUN/eval for the best checkpoint, RUN/eval-last for the last (``eval_dir``),
+and returns the metrics as a dict with at least
 {"auroc", "max_balanced_accuracy", "n_normal", "n_anomalous", "model"} (DESIGN.md's contract).
 The model is scored exactly as it will be deployed: THE preprocessing, then ``forward``.
 """
@@ -20,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from deploy.preprocess import InputSpec
 from trainer.datasets.folder import load_images, load_masks, scan_folder
 from trainer.evaluate import image_metrics, pixel_auroc, save_extremes_grid, save_roc_plot
-from trainer.run_dir import load_model, read_run_config, write_json_atomic
+from trainer.run_dir import eval_dir, load_model, read_run_config, write_json_atomic
 from trainer.train import resolve_device
 
 BATCH = 64
@@ -99,7 +100,7 @@ def evaluate_run(
         "image_size": mc.image_size,
         "channels": mc.channels,
     }
-    out = run / "eval"
+    out = eval_dir(run, checkpoint)
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", result)
     keep_idx = [i for i, d in enumerate(defects) if d not in index.report_apart]

@@ -64,7 +64,7 @@ from deploy.signing import key_id, load_private_key
 from trainer.datasets.folder import FolderIndex, Sample, load_images, scan_folder
 from trainer.errors import CapabilityError, UserError
 from trainer.models import Detector
-from trainer.run_dir import RunConfig, load_model, read_run_config
+from trainer.run_dir import RunConfig, eval_dir, load_model, read_run_config
 from trainer.train import split_train_val
 
 OPSET = 17
@@ -410,8 +410,11 @@ def _check_private_key(sign_key: Path) -> str:
     return key_id(private.public_key())
 
 
-def _read_metrics(run: Path, checkpoint: str, console: Console) -> dict[str, Any] | None:
-    path = run / "eval" / "metrics.json"
+def _read_metrics(run: Path, checkpoint: str, epoch: int, console: Console) -> dict[str, Any] | None:
+    """The eval metrics of exactly these weights (``checkpoint`` saved at ``epoch``), or None when
+    there are none or they evaluate other weights (another checkpoint, or an older best before a
+    resumed run found a new one): a manifest never ships metrics of weights it does not hold."""
+    path = eval_dir(run, checkpoint) / "metrics.json"
     if not path.is_file():
         return None
     try:
@@ -425,6 +428,14 @@ def _read_metrics(run: Path, checkpoint: str, console: Console) -> dict[str, Any
             f"note: {path} evaluates the {metrics.get('checkpoint')!r} checkpoint, not {checkpoint!r}: "
             "metrics left out of the manifest (run edge-trainer eval --checkpoint "
             f"{checkpoint} to include them)",
+            highlight=False,
+        )
+        return None
+    if metrics.get("epoch") != epoch:
+        console.print(
+            f"note: {path} evaluates the {checkpoint} checkpoint of epoch {metrics.get('epoch')}, but it is "
+            f"now the one of epoch {epoch} (the run went on): metrics left out of the manifest (run "
+            f"edge-trainer eval --checkpoint {checkpoint} to include them)",
             highlight=False,
         )
         return None
@@ -545,7 +556,7 @@ def export_run(
     spec = InputSpec(mc.image_size, mc.image_size, mc.channels)
     data = Path(cfg.data)
     index = scan_folder(data, need_test=False)
-    metrics = _read_metrics(run, checkpoint, console)
+    metrics = _read_metrics(run, checkpoint, int(ckpt.get("epoch", 0)), console)
 
     # Held-out normal images (the run's validation split) and the golden anomalous ones.
     held, held_u8 = _load_held_out(cfg, index, spec)

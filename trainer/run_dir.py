@@ -4,7 +4,8 @@ RUN/config.json           RunConfig (model name, resolved model config, data, se
 RUN/metrics.jsonl         one JSON object per line: epochs, interruptions, resumes
 RUN/checkpoints/last.pt   everything an exact resume needs (weights, optimisers, RNG, position)
 RUN/checkpoints/best.pt   weights with the lowest loss on the held-out 10% of train/good
-RUN/eval/                 metrics.json, roc.png, extremes.png (written by eval)
+RUN/eval/                 metrics.json, roc.png, extremes.png (written by eval of the best checkpoint)
+RUN/eval-last/            the same for ``eval --checkpoint last`` (so it never overwrites the best's)
 """
 
 from __future__ import annotations
@@ -49,6 +50,14 @@ class RunConfig(BaseModel):
         mine = self.model_dump(exclude={"epochs", "created"})
         theirs = other.model_dump(exclude={"epochs", "created"})
         return sorted(k for k in mine if mine[k] != theirs[k])
+
+
+def eval_dir(run: Path, checkpoint: str) -> Path:
+    """Where eval writes (and export reads) the metrics of ``checkpoint`` (best | last): RUN/eval for
+    the best checkpoint, RUN/eval-last for the last, so evaluating one never overwrites the other's."""
+    if checkpoint not in ("best", "last"):
+        raise UserError(f"--checkpoint must be 'best' or 'last', not {checkpoint!r}")
+    return run / ("eval" if checkpoint == "best" else f"eval-{checkpoint}")
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
