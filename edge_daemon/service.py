@@ -36,7 +36,7 @@ from edge_daemon.backends import (
     select_backend,
 )
 from edge_daemon.backends import finish_build as finish_engine_build
-from edge_daemon.capture.camera import Camera, CameraStatus
+from edge_daemon.capture.camera import Camera, CameraStatus, stop_cameras
 from edge_daemon.commands import CommandError, ThresholdSet, parse_command, request_id_of
 from edge_daemon.config import ConfigError, DaemonConfig, load_config
 from edge_daemon.events import CropTuning, EventTracker, EventTuning, Outgoing
@@ -237,8 +237,7 @@ class Daemon:
         self.stop_event.set()
         # Cameras first, then the frames they left in their slots: every frame read is scored or counted
         # dropped, so the final counts add up (frames_in == frames_scored + frames_dropped).
-        for camera in self.cameras.values():
-            camera.stop()
+        stop_cameras(self.cameras.values())
         self.pipeline.drain()
         self.pipeline.close_all("shutdown")
         self._publish_stats()
@@ -272,8 +271,7 @@ class Daemon:
         self.stop_event.set()
         if self.updater is not None:
             self.updater.stop()
-        for camera in self.cameras.values():
-            camera.stop()
+        stop_cameras(self.cameras.values())  # again: an error path may reach here with cameras running
         if self.link is not None:
             drained = self.link.stop(self.config.drain_timeout_s)
             if not drained and self.spool is not None:

@@ -34,7 +34,7 @@ from edge_daemon.capture import (
     parse_source,
     source_fps,
 )
-from edge_daemon.capture.camera import _to_bgr
+from edge_daemon.capture.camera import _to_bgr, stop_cameras
 
 SIZE = 320
 DEADLINE_S = 20.0
@@ -477,6 +477,39 @@ def test_stop_does_not_hang_on_a_source_that_never_answers(cameras: list[Camera]
         cam.stop(timeout_s=0.2)  # returns although the open is still blocked
         wait_for(lambda: not cam.running, "the blocked open to time out and the thread to exit")
     assert cam.status.state == "offline" and cam.status.reason == "stopped"
+
+
+def test_stop_cameras_waits_once_for_all_blocked_readers(
+    tmp_path: Path, bottle_images: list[np.ndarray], cameras: list[Camera], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Three readers blocked in an open share one deadline: one warning names them all with the one
+    timeout (stopped in turn, each would wait the full timeout: N times it at shutdown)."""
+    video = write_video(tmp_path / "line.avi", bottle_images[:4])
+    with socket.socket() as listener:  # accepts the TCP connections, never sends a byte
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(4)
+        port = listener.getsockname()[1]
+        mute = [
+            Camera(f"mute{i}", f"http://127.0.0.1:{port}/video{i}", open_timeout_s=3.0, backoff_s=(0.1, 0.2))
+            for i in range(3)
+        ]
+        file_cam = Camera("file", str(video), realtime=False)
+        cameras.extend([file_cam, *mute])
+        # The file first: OpenCV's FFmpeg backend opens one capture at a time, so a file opened while
+        # the mute opens block would itself wait for them.
+        file_cam.start()
+        wait_for(lambda: file_cam.stats()["frames_in"] >= 2, "the file's reader waiting on its full slot")
+        for cam in mute:
+            cam.start()
+        wait_for(lambda: all(c.running for c in mute), "the threads")
+        time.sleep(0.2)  # now inside FFmpeg's open
+        with caplog.at_level("WARNING", logger="edge_daemon.capture.camera"):
+            stop_cameras(cameras, timeout_s=0.3)
+        warnings = [r.getMessage() for r in caplog.records if "blocked" in r.getMessage()]
+        assert warnings == ["camera(s) mute0, mute1, mute2: reader blocked in a read after 0.3 s; left to exit"]
+        assert not file_cam.running
+        wait_for(lambda: not any(c.running for c in mute), "the blocked opens to time out and the threads to exit")
+    assert all(c.status.reason == "stopped" for c in mute)
 
 
 # ---- a real HTTP MJPEG camera that disappears and comes back ---------------------------------------------------

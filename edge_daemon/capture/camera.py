@@ -17,8 +17,7 @@ Pipeline usage::
         ready.clear()                  # clear BEFORE taking: a frame put after this sets it again
         frames = [f for c in cams if (f := c.take()) is not None]
         ...score frames...
-    for c in cams:
-        c.stop()
+    stop_cameras(cams)
 """
 
 from __future__ import annotations
@@ -28,7 +27,7 @@ import random
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -223,23 +222,34 @@ class Camera:
         self._thread = threading.Thread(target=self._run, name=f"camera-{self.camera_id}", daemon=True)
         self._thread.start()
 
+    def request_stop(self) -> None:
+        """Ask the thread to stop without waiting for it (``stop_cameras`` asks them all, then waits once)."""
+        self._stop.set()
+        if self.lossless:
+            self._slot.close()  # releases a put waiting for the scorer, which has stopped taking
+
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Ask the thread to stop and wait up to ``timeout_s`` seconds for it.
+        """Ask the thread to stop and wait up to ``timeout_s`` seconds for it (``join``)."""
+        self.request_stop()
+        if not self.join(timeout_s):
+            log.warning("camera %s: reader blocked in a read after %.1f s; left to exit", self.camera_id, timeout_s)
+
+    def join(self, timeout_s: float) -> bool:
+        """Wait up to ``timeout_s`` seconds for a stopping reader, then close the slot; False if it is
+        still blocked in a read.
 
         A frame the reader already counted in ``frames_in`` still reaches the slot (lossy) or is counted
-        as dropped (lossless, whose waiting put is released), so after ``stop`` every frame read is either
+        as dropped (lossless, whose waiting put is released), so after a stop every frame read is either
         in the slot, taken or dropped: the pipeline's last ``drain`` makes frames_in == scored + dropped.
         A read blocked inside OpenCV cannot be interrupted; such a (daemon) thread is left to finish on its
         own once the read returns or times out, and releases its capture then.
         """
-        self._stop.set()
-        if self.lossless:
-            self._slot.close()  # releases a put waiting for the scorer, which has stopped taking
+        ended = True
         if self._thread is not None:
             self._thread.join(timeout_s)
-            if self._thread.is_alive():
-                log.warning("camera %s: reader blocked in a read after %.1f s; left to exit", self.camera_id, timeout_s)
+            ended = not self._thread.is_alive()
         self._slot.close()
+        return ended
 
     def take(self) -> Frame | None:
         """The latest unread frame, or None (never blocks)."""
@@ -420,3 +430,17 @@ def _to_bgr(image: np.ndarray) -> np.ndarray:
     if image.shape[2] == 4:
         return cv2.cvtColor(image, cv2.COLOR_BGRA2BGR)
     return image
+
+
+def stop_cameras(cameras: Iterable[Camera], timeout_s: float = 5.0) -> None:
+    """Stop every camera, waiting at most ``timeout_s`` seconds in all, not per camera: each is asked to
+    stop first, then all are joined against one deadline, so N readers blocked in a read (a dead RTSP
+    stream) cost ``timeout_s`` at shutdown rather than N times it (systemd's TimeoutStopSec bounds the
+    whole shutdown, the outbox drain included)."""
+    cams = list(cameras)
+    for camera in cams:
+        camera.request_stop()
+    deadline = time.monotonic() + timeout_s
+    blocked = [c.camera_id for c in cams if not c.join(max(0.0, deadline - time.monotonic()))]
+    if blocked:
+        log.warning("camera(s) %s: reader blocked in a read after %.1f s; left to exit", ", ".join(blocked), timeout_s)
