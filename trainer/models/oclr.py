@@ -45,7 +45,7 @@ Choices the paper leaves open ("paper: ...; ours: ..."):
   function in G's step; D' weights get none).
 - paper: image terms written as L1 norms, latent terms as L2 norms; ours: norms throughout, i.e. the
   image terms are per-image SUMS over pixels and channels, as the latent terms are per-image norms.
-  Found after the GPU benchmarks (revision 2, re-run on five MNIST digits: docs/benchmarks.md): the
+  Found after the GPU benchmarks (revision 2, re-run on all ten MNIST digits on CPU: docs/benchmarks.md): the
   image terms used to be MEANS over pixels and channels while the latent terms stayed norms, which
   divided w_i and w_d by the pixel count (1,024 at 32 px, 49,152 at 128 px RGB): G's loss was about
   2 % reconstruction and G did not learn to reconstruct (|x - G(x)| 0.92 -> 0.90 in 3 epochs), did
@@ -179,7 +179,15 @@ class OCLR(Detector):
     # --- the centre --------------------------------------------------------------------------
     @torch.no_grad()
     def before_training(self, batches: Callable[[], Iterator[torch.Tensor]]) -> None:
-        """c = mean of Ge(x) over the training images, Ge in eval mode, with the Deep SVDD guard."""
+        """c = mean of Ge(x) over the training images, Ge in eval mode, with the Deep SVDD guard.
+
+        As MODELS.md specifies ("eval mode (BatchNorm!)"). A consequence worth knowing: a fresh
+        BatchNorm's running statistics are mean 0 / variance 1, so the eval-mode codes of the initial
+        DCGAN-initialised Ge are tiny (std about 0.01 at 32 px, against about 0.9 for the train-mode
+        codes G's centre term compares with c) and nearly every component of the mean falls under the
+        guard's 0.1: c is in effect a random vector of +-0.1. The centre term (w_c = 0.05) then pulls
+        the codes towards that vector rather than towards the data's initial mean.
+        """
         was_training = self.g_encoder.training
         self.g_encoder.eval()
         total = torch.zeros(self.config.latent, dtype=torch.float64, device=self.center.device)
@@ -285,14 +293,17 @@ class OCLR(Detector):
 
     @torch.no_grad()
     def validation_loss(self, x: torch.Tensor) -> torch.Tensor:
-        """Per image: w_i |x - G(x)|_1 + |x - D'(x)|_1 (images in [-1, 1]).
+        """Per image: w_i mean|x - G(x)| + mean|x - D'(x)| (images in [-1, 1]; per-pixel MEANS whatever
+        ``image_norm`` is: both terms share the pixel count, so the checkpoint chosen is the same as
+        with the training loss's sums, and the logged val_loss stays on one scale across image sizes).
 
         These are the reconstruction terms of G's and D''s losses, the two autoencoders of the
         scoring chain D'(G(x)): each is minimised by its own player with no opponent pushing it back
         up, so the sum is stationary as training goes on. Left out: the adversarial terms (BCE against
         D, |G(x) - D'(G(x))|), which oscillate by design, and the centre term ||Ge(x) - c||^2, which the
         initial network minimises trivially (c is the mean of the initial Ge), so it would favour the
-        first epoch (measured: it picked epoch 1 at AUROC 0.61 over epoch 3 at 0.91 on MNIST digit 1).
+        first epoch (measured: it picked epoch 1 at AUROC 0.61 over epoch 3 at 0.91 on MNIST digit 1;
+        c is the guarded mean of the initial Ge, see ``before_training``).
         """
         self._require_center()
         xs = to_signed(x)
