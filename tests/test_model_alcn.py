@@ -330,6 +330,16 @@ def test_image_size_the_model_cannot_take(size: int) -> None:
         build_config("alcn", image_size=size)
 
 
+def test_batch_size_defaults_by_image_size() -> None:
+    """The paper's 4096 for MNIST/CIFAR sizes, MODELS.md's 16 for large images; a given batch wins."""
+    assert build_config("alcn").batch_size == 4096
+    assert build_config("alcn", image_size=32).batch_size == 4096
+    assert build_config("alcn", image_size=64).batch_size == 16
+    assert build_config("alcn", image_size=256).batch_size == 16
+    assert build_config("alcn", image_size=256, batch_size=64).batch_size == 64
+    assert build_config("alcn", image_size=64, noise_literal_max_size=64).batch_size == 4096
+
+
 @pytest.mark.parametrize(
     ("settings", "message"),
     [

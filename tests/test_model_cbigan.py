@@ -339,6 +339,8 @@ def test_tiny_model_learns_the_easy_digit(mnist_easy: Path, tmp_path: Path) -> N
         ({"image_size": 256}, "cannot take image size 256 in object mode"),
         ({"mode": "texture", "image_size": 100}, "cannot take image size 100 in texture mode"),
         ({"mode": "texture", "image_size": 32}, "cannot take image size 32"),
+        # One patch: a rotated 64 px training crop cannot lie inside a 64 px image.
+        ({"mode": "texture", "image_size": 64}, "texture mode a multiple of 64 from 128"),
     ],
 )
 def test_bad_settings_raise_user_error(settings: dict[str, object], needle: str) -> None:

@@ -4,8 +4,9 @@ Barker, Bhowmik, Gaus, Breckon, "Robust Semi-Supervised Anomaly Detection via Ad
 Continuous Noise Corruption", VISAPP 2023 (arXiv 2303.03925). No public code: the paper and
 MODELS.md section 4 are the sources.
 
-Nets (b = ``base_channels``, 16 in the paper; c = image channels; all convolutions 5x5, stride 1,
-no padding ("valid"), with bias):
+Nets (b = ``base_channels``, 16 in the paper; c = image channels; the paper's convolutions are all
+5x5, stride 1, no padding ("valid"), with bias; G_noise's 3x3 upsampling stack for large images,
+below, is ours):
 
 - G_denoise: Conv(c, b)-ReLU-Conv(b, 2b)-ReLU-ConvT(2b, b)-ReLU-ConvT(b, c), no output activation.
   H x W -> (H-8) x (W-8) -> H x W.
@@ -52,7 +53,8 @@ Choices the paper leaves open ("paper: ...; ours: ..."):
 - paper: Adam, lr 1e-5 (G_denoise) and 8e-3 (G_noise), betas not stated; ours: Adam with PyTorch's
   default betas (0.9, 0.999). The trainer's ``--lr`` (``lr``) is the denoiser's rate; the noise
   generator's is ``noise_lr``.
-- paper: batch 4096 (MNIST); ours: ``batch_size`` 4096 by default (use 16 for 256 px images). The
+- paper: batch 4096 (MNIST); ours: ``batch_size`` 4096 by default up to ``noise_literal_max_size``
+  (32 px), 16 above it (MODELS.md's batch for large images) unless set. The
   trainer drops the last incomplete batch of an epoch (one batch when the data are fewer): a one-class
   MNIST digit (digit 1: 6,742 images, 6,068 after the held-out 10%) gives ONE step of 4,096 per epoch.
 - paper: number of epochs not stated; ours: 1000 by default (= 1000 steps at batch 4096 on one
@@ -71,12 +73,12 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from focal_frequency_loss import FocalFrequencyLoss
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from trainer.errors import UserError
@@ -86,13 +88,19 @@ KERNEL = 5
 SHRINK = 2 * (KERNEL - 1)  # two valid 5x5 convolutions take 8 pixels off each side length
 MIN_SIZE = 16
 MAX_SIZE = 1024
+LITERAL_MAX_SIZE = 32  # the paper's figure is literal up to CIFAR's 32 px
+LARGE_IMAGE_BATCH = 16
 
 
 class ALCNConfig(ModelConfig):
     image_size: int = Field(28, description="input height = width, pixels (paper: 28 for MNIST/CIFAR; 256 for MVTec)")
     channels: Literal[1, 3] = Field(1, description="1 grey, 3 colour (RGB)")
     lr: float = Field(1e-5, gt=0, description="Adam learning rate of G_denoise (the trainer's --lr); paper 1e-5")
-    batch_size: int = Field(4096, ge=1, description="images per step; paper 4096 on MNIST (16 for 256 px images)")
+    batch_size: int = Field(
+        4096,
+        ge=1,
+        description="images per step; default: the paper's 4096 up to noise_literal_max_size, else 16 (large images)",
+    )
     epochs: int = Field(1000, ge=1, description="paper: not stated; ours 1000")
     noise_lr: float = Field(8e-3, gt=0, description="Adam learning rate of G_noise; paper 8e-3")
     base_channels: int = Field(16, ge=1, description="b: G_denoise widths b, 2b; G_noise widths 2b, b (paper 16)")
@@ -102,9 +110,20 @@ class ALCNConfig(ModelConfig):
     alpha_per_sample: bool = Field(False, description="False: one alpha per batch (paper's text); True: one per image")
     ffl_alpha: float = Field(1.0, gt=0, description="focal frequency loss exponent of the spectral distance weight")
     noise_literal_max_size: int = Field(
-        32, ge=MIN_SIZE, description="largest image size at which G_noise is the paper's literal figure"
+        LITERAL_MAX_SIZE, ge=MIN_SIZE, description="largest image size at which G_noise is the paper's literal figure"
     )
     noise_seed_size: int = Field(8, ge=1, description="above the literal size: max side of G_noise's seed map, pixels")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _size_defaults(cls, data: Any) -> Any:
+        """batch_size defaults by image size: the paper's 4096 for MNIST/CIFAR-sized images, 16 above
+        ``noise_literal_max_size`` (MODELS.md: "16 for large images"; 4096 images of 256 px are 3 GB)."""
+        if isinstance(data, dict) and "batch_size" not in data:
+            literal = data.get("noise_literal_max_size", LITERAL_MAX_SIZE)
+            if int(data.get("image_size", 28)) > int(literal):
+                data = {**data, "batch_size": LARGE_IMAGE_BATCH}
+        return data
 
 
 @dataclass

@@ -36,7 +36,7 @@ is ``eg_step`` (E and G only). z ~ N(0, I).
 Modes:
 - ``object``: the whole image (32, 64 or 128 px; the paper's 128) is one patch; optional random
   rotation of +-45 degrees (``rotate``), done on the device with affine_grid/grid_sample.
-- ``texture``: images resized to ``image_size`` (a multiple of 64; the paper's 512); training on one
+- ``texture``: images resized to ``image_size`` (a multiple of 64 from 128; the paper's 512); training on one
   random 64x64 crop per image, rotated by a uniform random angle in [0, 360) degrees and placed so that
   the rotated square lies inside the image (the reference rotates, crops away the empty corners and
   takes a random crop; its angle 2*pi*U(0, 45) rad is effectively uniform); scoring on the
@@ -70,14 +70,16 @@ Choices the paper and reference leave open ("paper: ...; ours: ..."):
   shadow that was still 75-90 % the weights of step 10 (0.999^(t-1)), i.e. a nearly untrained E and G
   (one-class MNIST digit 1, 1,200 steps: AUROC 0.09 with that EMA, 0.65 with the raw weights; 0.55
   with the warm-up EMA). ``ema_warmup=False`` restores the constant decay.
-- reference: object rotation fills with Keras' default ``reflect``; ours: grid_sample with
-  ``padding_mode="reflection"``.
+- reference: object rotation (off unless asked, as ours) with Keras' RandomRotation, filling the
+  corners with its default ``reflect`` in earlier versions of mvtec_ad.py and ``nearest`` (edge pixels
+  repeated) in the latest; ours: grid_sample with ``padding_mode="reflection"`` (the earlier one).
 - reference: textures pre-compute a cache of 50,000 augmented crops; ours: one fresh crop per image
   per step, drawn on the device from torch's default generator (exact resume).
 - paper: GP gradient norm sqrt(sum g^2); ours: sqrt(sum g^2 + 1e-12) so that a zero gradient
   cannot give an infinite second derivative.
-- paper: 1.2M batches, checkpoint picked by test AUC; ours: ``epochs`` = 5000 by default (about
-  25k-45k steps on an MVTec category of 200-400 training images, 2-4 % of the reference's budget),
+- paper: 1.2M batches, checkpoint picked by test AUC; ours: ``epochs`` = 5000 by default (at batch
+  32 with the held-out 10 % and the short last batch dropped: about 25k steps on an MVTec category of
+  200 training images, 55k on one of 400, i.e. 2-5 % of the paper's budget),
   best checkpoint by ``validation_loss`` on held-out NORMAL images = the image term of L_C,
   |x - G(E(x))|_1 per patch (sum, [-1, 1] units), mean over patches, with the scoring (EMA)
   weights. The adversarial losses are not stationary (they measure a moving critic); the
@@ -100,6 +102,7 @@ from trainer.models.base import Detector, ModelConfig
 from trainer.models.blocks import to_signed
 
 PATCH = 64  # texture patch size (px)
+TEXTURE_MIN_SIZE = 2 * PATCH  # a 64 px square rotated by 45 degrees spans 90.5 px: it fits from 128 up
 OBJECT_SIZES = (32, 64, 128)
 G_START = 2  # G's first feature map is 2x2
 N_BLOCKS = 6
@@ -110,7 +113,9 @@ DEFAULT_SIZE = {"object": 128, "texture": 512}
 
 
 class CBiGANConfig(ModelConfig):
-    """CBiGAN settings with the paper's (reference code's) defaults; see the module docstring."""
+    """CBiGAN settings with the paper's defaults as MODELS.md gives them (the reference code's own
+    command-line defaults differ: gp 2.5, one critic step per E/G step, 200k batches); see the module
+    docstring."""
 
     mode: Literal["object", "texture"] = Field(
         default="object",
@@ -327,12 +332,12 @@ class CBiGAN(Detector):
         c = config
         mode = getattr(c, "mode", "object")
         s = c.image_size
-        ok = s in OBJECT_SIZES if mode == "object" else s >= PATCH and s % PATCH == 0
+        ok = s in OBJECT_SIZES if mode == "object" else s >= TEXTURE_MIN_SIZE and s % PATCH == 0
         if not ok:
             raise UserError(
                 f"model {cls.name!r} cannot take image size {s} in {mode} mode: object mode takes "
                 f"{', '.join(map(str, OBJECT_SIZES))} (the paper's 128), texture mode a multiple of {PATCH} "
-                f"(64x64 patches; the paper's 512)"
+                f"from {TEXTURE_MIN_SIZE} (64x64 patches, each training crop rotated inside the image; the paper's 512)"
             )
 
     # ---- scoring -------------------------------------------------------------------------------
