@@ -29,7 +29,10 @@ Settings make a distinct row: a record with settings is shown, and identified, a
 model's revision, but only where the quality results (not throughput or streaming) hold several
 revisions of that model, in any protocol: then every quality row of it is named ``MODEL@rN``
 (``oclr@r1`` beside ``oclr@r2``, and ``cbigan[mode=texture]@r1`` on a protocol not yet re-run),
-since an older revision's figures belong to code that no longer exists.
+since an older revision's figures belong to code that no longer exists. So does a budget, where
+a protocol holds one model (with its settings and revision) at several (image size, epochs): then
+each such row is named ``MODEL (64 px, 20 epochs)``, so that a short CPU run and a full GPU run
+of the same model stand side by side instead of the newer hiding the other.
 
 Duplicates: when several records share (protocol, model with settings, normal_class, seed) (normal_class
 compared as text, so 3 and "3" are the same), the one with the latest "date" wins; a record without
@@ -154,6 +157,13 @@ def _normal_class(v: Any) -> str | None:
     if _is_int(v):
         return None
     return _nonempty_str(v)
+
+
+def _budget(rec: dict[str, Any]) -> tuple[str, str]:
+    """(image size, epochs) of a quality record as text: "64" or "64x48" (height x width), "?" if absent."""
+    size = rec.get("image_size")
+    size_text = "?" if size is None else "x".join(map(str, size)) if isinstance(size, list) else str(size)
+    return size_text, str(rec["epochs"])
 
 
 def _image_size(v: Any) -> str | None:
@@ -417,6 +427,13 @@ def load_records(results_dir: Path) -> tuple[list[Record], int]:
             rec.data["model"] = f"{name}[{_settings_label(rec.data['settings'])}]"
         if id(rec) in quality and len(revisions[name]) > 1:
             rec.data["model"] += f"@r{rec.data.get('revision', 1)}"
+    budgets: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    for rec in quality.values():
+        budgets.setdefault((rec.data["protocol"], rec.data["model"]), set()).add(_budget(rec.data))
+    for rec in quality.values():
+        if len(budgets[(rec.data["protocol"], rec.data["model"])]) > 1:
+            size, epochs = _budget(rec.data)
+            rec.data["model"] += f" ({size} px, {epochs} epochs)"
     newest: dict[tuple[str, str, str, str], tuple[int, Record]] = {}
     for rank, rec in records:
         held = newest.get(rec.key)
@@ -603,7 +620,8 @@ def _generic_table(records: Sequence[Record]) -> list[str]:
     header = ["normal class", "model", *(["seed"] if with_seeds else []), "AUROC", "max bal. acc."]
     header += ["pixel AUROC"] if with_pixel else []
     header += ["test normal/anomalous"] if with_counts else []
-    header += ["epochs", "s/epoch"] + (["ms/image"] if with_ms else []) + ["device"]
+    header += (["image px"] if _has(records, "image_size") else []) + ["epochs", "s/epoch"]
+    header += (["ms/image"] if with_ms else []) + ["device"]
     header += ["per-defect AUROC"] if with_defects else []
     rows: list[list[str]] = []
     for rec in sorted(records, key=lambda r: (r.normal_class, r.data["model"], r.data["seed"])):
@@ -614,6 +632,8 @@ def _generic_table(records: Sequence[Record]) -> list[str]:
             row.append(_f3(d.get("pixel_auroc")))
         if with_counts:
             row.append(f"{d.get('n_normal', DASH)}/{d.get('n_anomalous', DASH)}")
+        if _has(records, "image_size"):
+            row.append(_budget(d)[0] if d.get("image_size") is not None else DASH)
         row += [str(d["epochs"]), _f3(d["seconds_per_epoch"])]
         if with_ms:
             row.append(_f3(d.get("inference_ms_per_image")))

@@ -396,3 +396,29 @@ def test_streaming_records_have_their_own_table(tmp_path: Path, results: Path) -
     (results / "streaming.json").write_text(json.dumps([rec]))
     proc = _run(tmp_path)
     assert proc.returncode == 2 and "'rss_mb'" in proc.stderr
+
+
+def test_budgets_are_apart_only_where_several_exist(tmp_path: Path, results: Path) -> None:
+    # ELPV's ae ran short on a CPU (64 px, 20 epochs) and then in full (128 px, 100 epochs), newer: both
+    # rows stay, named by their budget, rather than the newer hiding the older. ganomaly ran once: plain.
+    recs = [
+        _record("elpv", "ae", "all", 0.61, image_size=64, epochs=20, date="2025-01-02"),
+        _record("elpv", "ae", "all", 0.72, image_size=128, epochs=100, date="2025-02-02"),
+        _record("elpv", "ganomaly", "all", 0.55, image_size=64, epochs=20),
+        _record("mnist-oneclass", "oclr", 3, 0.8, image_size=32, epochs=15),
+        _record("mnist-oneclass", "oclr", 3, 0.9, image_size=32, epochs=60),
+    ]
+    (results / "c.json").write_text(json.dumps(recs))
+    proc = _run(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "bench.md").read_text()
+    header = _header(text, "normal class")
+    short = dict(zip(header, _row(text, "all", "ae (64 px, 20 epochs)"), strict=True))
+    full = dict(zip(header, _row(text, "all", "ae (128 px, 100 epochs)"), strict=True))
+    assert (short["AUROC"], short["image px"], short["epochs"]) == ("0.610", "64", "20")
+    assert (full["AUROC"], full["image px"], full["epochs"]) == ("0.720", "128", "100")
+    assert _row(text, "all", "ganomaly")[2] == "0.550"
+    # On one-class MNIST the two budgets are two rows too, not two seeds of one figure.
+    assert _row(text, "oclr (32 px, 15 epochs)")[4] == "0.800"
+    assert _row(text, "oclr (32 px, 60 epochs)")[4] == "0.900"
+    assert _row(text, "ae")[1] == "0.990"  # the fixture's records carry no image size: unchanged
