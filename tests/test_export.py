@@ -33,7 +33,7 @@ from trainer.export import (
     score_tolerance,
 )
 from trainer.models import REGISTRY, model_class
-from trainer.run_dir import load_model, read_run_config
+from trainer.run_dir import load_model, read_run_config, weights_epoch
 from trainer.train import TrainOptions, split_train_val, train
 
 TINY: dict[str, dict[str, object]] = {
@@ -278,14 +278,25 @@ def test_eval_metrics_go_into_the_manifest_for_the_same_checkpoint(trained, tmp_
     last = evaluate_run(run, checkpoint="last", device="cpu", console=QUIET)
     assert (run / "eval" / "metrics.json").read_text() == best_metrics
     assert json.loads((run / "eval-last" / "metrics.json").read_text()) == last
+    assert last["epoch"] == 1  # the weights after the one epoch (last.pt stores the resume point, epoch 2)
     assert (run / "eval-last" / "roc.png").stat().st_size > 0
     result = export_run(run, tmp_path / "b3", checkpoint="last", console=QUIET)
     assert result.manifest.metrics == last and result.manifest.metrics["checkpoint"] == "last"
+    assert result.manifest.training["checkpoint_epoch"] == 1
     # A best checkpoint evaluated before the run went on (another epoch) is stale: left out.
     stale = json.loads(best_metrics)
     stale["epoch"] -= 1
     (run / "eval" / "metrics.json").write_text(json.dumps(stale))
     assert export_run(run, tmp_path / "b4", console=QUIET).manifest.metrics is None
+
+
+@pytest.mark.parametrize(
+    ("ckpt", "epoch"),
+    [({"epoch": 4}, 4), ({"epoch": 3, "batch": 0}, 2), ({"epoch": 3, "batch": 5}, 3), ({"epoch": 1, "batch": 0}, 0)],
+)
+def test_weights_epoch_of_best_and_last_checkpoints(ckpt: dict[str, int], epoch: int) -> None:
+    # best.pt: the epoch itself; last.pt: the resume point (after epoch 2 it is (3, 0); mid-epoch 3: (3, b)).
+    assert weights_epoch(ckpt) == epoch
 
 
 def test_f1_threshold_on_arrays() -> None:

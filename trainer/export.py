@@ -64,7 +64,7 @@ from deploy.signing import key_id, load_private_key
 from trainer.datasets.folder import FolderIndex, Sample, load_images, scan_folder
 from trainer.errors import CapabilityError, UserError
 from trainer.models import Detector
-from trainer.run_dir import RunConfig, eval_dir, load_model, read_run_config
+from trainer.run_dir import RunConfig, eval_dir, load_model, read_run_config, weights_epoch
 from trainer.train import split_train_val
 
 OPSET = 17
@@ -413,7 +413,8 @@ def _check_private_key(sign_key: Path) -> str:
 def _read_metrics(run: Path, checkpoint: str, epoch: int, console: Console) -> dict[str, Any] | None:
     """The eval metrics of exactly these weights (``checkpoint`` saved at ``epoch``), or None when
     there are none or they evaluate other weights (another checkpoint, or an older best before a
-    resumed run found a new one): a manifest never ships metrics of weights it does not hold."""
+    resumed run found a new one): a manifest never ships metrics of weights it does not hold.
+    Compared by epoch, so two ``last`` checkpoints interrupted within the same epoch look alike."""
     path = eval_dir(run, checkpoint) / "metrics.json"
     if not path.is_file():
         return None
@@ -556,7 +557,8 @@ def export_run(
     spec = InputSpec(mc.image_size, mc.image_size, mc.channels)
     data = Path(cfg.data)
     index = scan_folder(data, need_test=False)
-    metrics = _read_metrics(run, checkpoint, int(ckpt.get("epoch", 0)), console)
+    epoch = weights_epoch(ckpt)
+    metrics = _read_metrics(run, checkpoint, epoch, console)
 
     # Held-out normal images (the run's validation split) and the golden anomalous ones.
     held, held_u8 = _load_held_out(cfg, index, spec)
@@ -564,7 +566,7 @@ def export_run(
     anom_u8 = load_images(anomalous, spec) if anomalous else held_u8[:0]
     x_all = np.concatenate([held_u8, anom_u8]).astype(np.float32) / np.float32(255.0)
     console.print(
-        f"exporting {cfg.model} ({checkpoint} checkpoint, epoch {ckpt.get('epoch', '?')}) from {run}: "
+        f"exporting {cfg.model} ({checkpoint} checkpoint, epoch {epoch}) from {run}: "
         f"{len(held)} held-out normal + {len(anomalous)} anomalous images at "
         f"{spec.height}x{spec.width}x{spec.channels}",
         highlight=False,
@@ -612,7 +614,7 @@ def export_run(
                 "epochs": cfg.epochs,
                 "seed": cfg.seed,
                 "checkpoint": checkpoint,
-                "checkpoint_epoch": int(ckpt.get("epoch", 0)),
+                "checkpoint_epoch": epoch,
             },
             golden=GoldenSpec(
                 n=len(g_idx),

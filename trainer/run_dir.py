@@ -60,6 +60,19 @@ def eval_dir(run: Path, checkpoint: str) -> Path:
     return run / ("eval" if checkpoint == "best" else f"eval-{checkpoint}")
 
 
+def weights_epoch(ckpt: dict[str, Any]) -> int:
+    """The epoch the checkpoint's weights were trained up to (1-based; 0 = untrained).
+
+    best.pt stores it directly. last.pt stores where a resume starts, (epoch, batch): (E + 1, 0) after
+    a whole epoch E, (E, b) when epoch E was interrupted after b batches (its weights are then part of
+    the way into E).
+    """
+    epoch = int(ckpt.get("epoch", 0))
+    if ckpt.get("batch") == 0:
+        return max(0, epoch - 1)
+    return epoch
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically (temp file + rename)."""
     tmp = path.with_name(f".{path.name}.tmp")
