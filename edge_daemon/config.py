@@ -73,6 +73,15 @@ class CameraConfig(_Section):
     expected_fps: float | None = Field(default=None, gt=0, le=1000, description="below half of it: degraded")
     roi: tuple[int, int, int, int] | None = Field(default=None, description="x, y, w, h in frame pixels")
     threshold: float | None = Field(default=None, gt=0, lt=1, description="override, normalised units")
+    open_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="FFmpeg/GStreamer sources: give up one open after this long, s"
+    )
+    read_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=300,
+        description="give up waiting for a frame after this long, s (V4L2: the first camera's, process-wide)",
+    )
 
     @field_validator("roi")
     @classmethod

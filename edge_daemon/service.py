@@ -166,6 +166,8 @@ class Daemon:
                 fps_cap=cam.fps_cap,
                 roi=cam.roi,
                 expected_fps=cam.expected_fps,
+                open_timeout_s=cam.open_timeout_s,
+                read_timeout_s=cam.read_timeout_s,
                 frame_ready=self.frame_events[i % self.workers],
                 on_status=self._on_camera_status,
             )

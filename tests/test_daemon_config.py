@@ -48,6 +48,7 @@ def test_good_config_resolves_relative_paths(tmp_path: Path) -> None:
     assert cfg.cameras[0].roi == (10, 20, 300, 200) and cfg.cameras[1].threshold == 0.6
     assert cfg.cameras[1].source == "rtsp://10.0.0.5/stream"  # URLs are not paths
     assert cfg.events.open_frames == 2 and cfg.http.bind == "127.0.0.1:9108"
+    assert (cfg.cameras[0].open_timeout_s, cfg.cameras[0].read_timeout_s) == (10.0, 5.0)  # the defaults
     assert len(cfg.digest()) == 16
 
 
@@ -74,6 +75,8 @@ def test_every_problem_on_its_own_line_with_the_yaml_line() -> None:
         (("roi: [10, 20, 300, 200]", "roi: [10, 20, 0, 200]"), "roi"),
         (("port: 1883", "port: 1883\n  tls: {ca: ca.pem, cert: c.pem}"), "tls.cert and tls.key go together"),
         (("mqtt:", "http: {bind: nowhere}\nmqtt:"), "bind must be host:port"),
+        (("threshold: 0.6", "open_timeout_s: 0"), "cameras.1.open_timeout_s"),
+        (("threshold: 0.6", "read_timeout_s: -1"), "cameras.1.read_timeout_s"),
     ],
 )
 def test_bad_values_are_named(change: tuple[str, str], expected: str) -> None:

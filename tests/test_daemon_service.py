@@ -216,3 +216,32 @@ def test_camera_that_vanishes_and_comes_back(
         finally:
             assert daemon.terminate(30) == 0, daemon.text()[-3000:]
             server.stop()
+
+
+def test_camera_timeouts_come_from_the_config(signed_bottle_bundle: SignedBundle, tmp_path: Path) -> None:
+    """A network camera that accepts the connection and never answers: the daemon gives up each open
+    after the camera's ``open_timeout_s`` (1 s here, 10 s by default) and reports it offline saying so."""
+    b = signed_bottle_bundle
+    status_topic = f"{PREFIX}/mute/status"
+    with socket.socket() as listener, Broker(tmp_path / "broker") as broker:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        source = f"http://127.0.0.1:{listener.getsockname()[1]}/video"
+        with Subscriber(broker.port, f"{PREFIX}/#") as sub:
+            camera = {"id": "mute", "source": source, "open_timeout_s": 1, "read_timeout_s": 2}
+            config = write_config(tmp_path, b.path, b.public_key, broker.port, [camera])
+            daemon = Daemon(config)
+            try:
+                sub.wait_for(lambda ms: any(m.topic == status_topic for m in ms), 30, "the camera's status")
+
+                def offline() -> list[dict[str, object]]:
+                    payloads = [json.loads(m.payload) for m in sub.on(status_topic)]
+                    return [p for p in payloads if p["state"] == "offline"]
+
+                wait_until(lambda: offline(), 30, "camera offline")
+                status = offline()[0]
+                assert status["reason"] == "open_failed"
+                assert "within 1 s" in str(status["detail"]), status
+                assert daemon.alive()
+            finally:
+                assert daemon.terminate(30) == 0, daemon.text()[-3000:]

@@ -145,7 +145,8 @@ class Camera:
     new frame. ``on_status(camera_id, status)`` is called from the camera thread on every change of
     state or reason; it must be cheap, and its exceptions are logged and ignored. ``backoff_s``
     (min, max seconds): the wait before reopening a failed source grows exponentially with jitter
-    between these bounds and is reset by a good frame.
+    between these bounds and is reset by a good frame. ``open_timeout_s``/``read_timeout_s`` (seconds)
+    bound one open and one frame wait (``open_capture`` says which sources honour them).
     """
 
     def __init__(
