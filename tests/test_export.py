@@ -33,7 +33,7 @@ from trainer.export import (
     score_tolerance,
 )
 from trainer.models import REGISTRY, model_class
-from trainer.run_dir import load_model, read_run_config, weights_epoch
+from trainer.run_dir import FILE_SHA256, load_checkpoint, load_model, read_run_config, weights_epoch
 from trainer.train import TrainOptions, split_train_val, train
 
 TINY: dict[str, dict[str, object]] = {
@@ -283,11 +283,21 @@ def test_eval_metrics_go_into_the_manifest_for_the_same_checkpoint(trained, tmp_
     result = export_run(run, tmp_path / "b3", checkpoint="last", console=QUIET)
     assert result.manifest.metrics == last and result.manifest.metrics["checkpoint"] == "last"
     assert result.manifest.training["checkpoint_epoch"] == 1
-    # A best checkpoint evaluated before the run went on (another epoch) is stale: left out.
+    # A last checkpoint saved again within the same epoch (other weights, same epoch): its metrics
+    # are stale, told apart by the file's hash.
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    ckpt["model"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["model"].items()}
+    torch.save(ckpt, run / "checkpoints" / "last.pt")
+    assert last["checkpoint_sha256"] != load_checkpoint(run / "checkpoints" / "last.pt")[FILE_SHA256]
+    result = export_run(run, tmp_path / "b4", checkpoint="last", console=QUIET)
+    assert result.manifest.metrics is None and result.manifest.training["checkpoint_epoch"] == 1
+    # A best checkpoint evaluated before the run went on (another epoch) is stale: left out, also for
+    # metrics written before eval recorded the hash.
     stale = json.loads(best_metrics)
     stale["epoch"] -= 1
+    del stale["checkpoint_sha256"]
     (run / "eval" / "metrics.json").write_text(json.dumps(stale))
-    assert export_run(run, tmp_path / "b4", console=QUIET).manifest.metrics is None
+    assert export_run(run, tmp_path / "b5", console=QUIET).manifest.metrics is None
 
 
 @pytest.mark.parametrize(

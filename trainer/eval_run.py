@@ -21,7 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 from deploy.preprocess import InputSpec
 from trainer.datasets.folder import load_images, load_masks, scan_folder
 from trainer.evaluate import image_metrics, pixel_auroc, save_extremes_grid, save_roc_plot
-from trainer.run_dir import eval_dir, load_model, read_run_config, weights_epoch, write_json_atomic
+from trainer.run_dir import FILE_SHA256, eval_dir, load_model, read_run_config, weights_epoch, write_json_atomic
 from trainer.train import resolve_device
 
 BATCH = 64
@@ -96,6 +96,7 @@ def evaluate_run(
         "device": str(dev),
         "checkpoint": checkpoint,
         "epoch": weights_epoch(ckpt),
+        "checkpoint_sha256": ckpt[FILE_SHA256],
         "data": str(index.root.resolve()),
         "image_size": mc.image_size,
         "channels": mc.channels,

@@ -64,7 +64,7 @@ from deploy.signing import key_id, load_private_key
 from trainer.datasets.folder import FolderIndex, Sample, load_images, scan_folder
 from trainer.errors import CapabilityError, UserError
 from trainer.models import Detector
-from trainer.run_dir import RunConfig, eval_dir, load_model, read_run_config, weights_epoch
+from trainer.run_dir import FILE_SHA256, RunConfig, eval_dir, load_model, read_run_config, weights_epoch
 from trainer.train import split_train_val
 
 OPSET = 17
@@ -410,11 +410,12 @@ def _check_private_key(sign_key: Path) -> str:
     return key_id(private.public_key())
 
 
-def _read_metrics(run: Path, checkpoint: str, epoch: int, console: Console) -> dict[str, Any] | None:
-    """The eval metrics of exactly these weights (``checkpoint`` saved at ``epoch``), or None when
-    there are none or they evaluate other weights (another checkpoint, or an older best before a
-    resumed run found a new one): a manifest never ships metrics of weights it does not hold.
-    Compared by epoch, so two ``last`` checkpoints interrupted within the same epoch look alike."""
+def _read_metrics(run: Path, checkpoint: str, epoch: int, sha256: str, console: Console) -> dict[str, Any] | None:
+    """The eval metrics of exactly these weights (``checkpoint`` saved at ``epoch``, file hash ``sha256``),
+    or None when there are none or they evaluate other weights (another checkpoint, an older best
+    before a resumed run found a new one, a ``last`` saved again since): a manifest never ships
+    metrics of weights it does not hold. Metrics written before eval recorded the checkpoint's hash
+    are compared by epoch only."""
     path = eval_dir(run, checkpoint) / "metrics.json"
     if not path.is_file():
         return None
@@ -429,6 +430,15 @@ def _read_metrics(run: Path, checkpoint: str, epoch: int, console: Console) -> d
             f"note: {path} evaluates the {metrics.get('checkpoint')!r} checkpoint, not {checkpoint!r}: "
             "metrics left out of the manifest (run edge-trainer eval --checkpoint "
             f"{checkpoint} to include them)",
+            highlight=False,
+        )
+        return None
+    evaluated_sha = metrics.get("checkpoint_sha256")
+    if evaluated_sha is not None and evaluated_sha != sha256:
+        console.print(
+            f"note: {path} evaluates other weights than the {checkpoint} checkpoint now holds (the file "
+            f"changed since: the run went on): metrics left out of the manifest (run edge-trainer eval "
+            f"--checkpoint {checkpoint} to include them)",
             highlight=False,
         )
         return None
@@ -558,7 +568,7 @@ def export_run(
     data = Path(cfg.data)
     index = scan_folder(data, need_test=False)
     epoch = weights_epoch(ckpt)
-    metrics = _read_metrics(run, checkpoint, epoch, console)
+    metrics = _read_metrics(run, checkpoint, epoch, ckpt[FILE_SHA256], console)
 
     # Held-out normal images (the run's validation split) and the golden anomalous ones.
     held, held_u8 = _load_held_out(cfg, index, spec)

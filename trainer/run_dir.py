@@ -10,6 +10,8 @@ RUN/eval-last/            the same for ``eval --checkpoint last`` (so it never o
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import time
@@ -108,15 +110,30 @@ def read_run_config(run: Path) -> RunConfig:
         raise UserError(f"{path} is not a valid run config: {exc}") from None
 
 
+FILE_SHA256 = "file_sha256"
+
+
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """Load a checkpoint written by the trainer; UserError if it is missing or unreadable."""
+    """Load a checkpoint written by the trainer; UserError if it is missing or unreadable.
+
+    The returned dict also holds ``FILE_SHA256``: the hex sha256 of the bytes loaded, the identity of
+    these weights (eval records it; export ships only metrics of the same file). It is hashed from the
+    very bytes loaded, so a training that replaces the file meanwhile cannot make the two disagree.
+    """
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist (has the run finished an epoch?)")
     try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"cannot read checkpoint {path}: {exc}") from None
+    try:
         # weights_only: a checkpoint is data (tensors, numbers, strings), never code to unpickle.
-        ckpt: dict[str, Any] = torch.load(path, map_location=device, weights_only=True)
+        ckpt: dict[str, Any] = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a torn or foreign file
         raise UserError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(ckpt, dict):
+        raise UserError(f"cannot read checkpoint {path}: not a trainer checkpoint (a {type(ckpt).__name__})")
+    ckpt[FILE_SHA256] = hashlib.sha256(data).hexdigest()
     return ckpt
 
 
