@@ -57,6 +57,11 @@ def test_tiny_model_learns_an_easy_digit(
     assert set(metrics["per_defect_auroc"]) == {f"digit_{d}" for d in range(10) if str(d) != EASY_DIGIT}
     for name in ("metrics.json", "roc.png", "extremes.png"):
         assert (run / "eval" / name).stat().st_size > 0
+    if model == "ae":  # the command line names the folder it wrote, per checkpoint
+        out = cli("eval", run, "--data", mnist_easy, "--checkpoint", "last", "--device", "cpu")
+        assert out.returncode == 0, out.stderr
+        assert f"plots: {run / 'eval-last'}\n" in out.stderr, out.stderr
+        assert (run / "eval-last" / "roc.png").stat().st_size > 0
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

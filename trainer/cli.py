@@ -147,6 +147,7 @@ def eval_(
     Metrics and plots go to RUN/eval (best checkpoint) or RUN/eval-last (--checkpoint last).
     """
     from trainer.eval_run import evaluate_run
+    from trainer.run_dir import eval_dir
 
     result = _run(lambda: evaluate_run(run, data, checkpoint=checkpoint, device=device))
     if json_out:
@@ -169,7 +170,7 @@ def eval_(
     for defect, value in sorted(result["per_defect_auroc"].items()):
         table.add_row(f"auroc {defect}", f"{value:.4f}")
     Console().print(table)
-    err.print(f"plots: {run / 'eval'}", highlight=False)
+    err.print(f"plots: {eval_dir(run, checkpoint)}", highlight=False, soft_wrap=True)
 
 
 @app.command()
