@@ -44,7 +44,7 @@ def intensity_aurocs(folder: Path, image_size: int, channels: int) -> dict[str, 
     mean = images.reshape(len(images), -1).mean(axis=1, dtype=np.float64) / 255.0
     brightness = float(roc_auc_score(labels, mean))
     return {
-        "darkness": 1.0 - brightness,  # AUROC of -score is 1 - AUROC of score (no ties broken differently)
+        "darkness": 1.0 - brightness,  # AUROC of -score is exactly 1 - AUROC of score, ties included
         "brightness": brightness,
         "n_normal": int((labels == 0).sum()),
         "n_anomalous": int((labels == 1).sum()),
