@@ -425,28 +425,25 @@ def _read_metrics(run: Path, checkpoint: str, epoch: int, sha256: str, console: 
         raise UserError(f"cannot read {path}: {exc}") from None
     if not isinstance(metrics, dict):
         raise UserError(f"{path} is not a JSON object")
-    if metrics.get("checkpoint", "best") != checkpoint:
-        console.print(
-            f"note: {path} evaluates the {metrics.get('checkpoint')!r} checkpoint, not {checkpoint!r}: "
-            "metrics left out of the manifest (run edge-trainer eval --checkpoint "
-            f"{checkpoint} to include them)",
-            highlight=False,
-        )
-        return None
+    # The file's hash decides where eval recorded it (the same file has the same epoch); else the epoch.
     evaluated_sha = metrics.get("checkpoint_sha256")
-    if evaluated_sha is not None and evaluated_sha != sha256:
-        console.print(
-            f"note: {path} evaluates other weights than the {checkpoint} checkpoint now holds (the file "
-            f"changed since: the run went on): metrics left out of the manifest (run edge-trainer eval "
-            f"--checkpoint {checkpoint} to include them)",
-            highlight=False,
+    stale: str | None = None
+    if metrics.get("checkpoint", "best") != checkpoint:
+        stale = f"evaluates the {metrics.get('checkpoint')!r} checkpoint, not {checkpoint!r}"
+    elif evaluated_sha is not None and evaluated_sha != sha256:
+        stale = (
+            f"evaluates other weights than the {checkpoint} checkpoint now holds (the file changed since: "
+            "the run went on)"
         )
-        return None
-    if metrics.get("epoch") != epoch:
+    elif evaluated_sha is None and metrics.get("epoch") != epoch:
+        stale = (
+            f"evaluates the {checkpoint} checkpoint of epoch {metrics.get('epoch')}, but it is now the one of "
+            f"epoch {epoch} (the run went on)"
+        )
+    if stale is not None:
         console.print(
-            f"note: {path} evaluates the {checkpoint} checkpoint of epoch {metrics.get('epoch')}, but it is "
-            f"now the one of epoch {epoch} (the run went on): metrics left out of the manifest (run "
-            f"edge-trainer eval --checkpoint {checkpoint} to include them)",
+            f"note: {path} {stale}: metrics left out of the manifest (run edge-trainer eval --checkpoint "
+            f"{checkpoint} to include them)",
             highlight=False,
         )
         return None
