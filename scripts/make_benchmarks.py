@@ -570,7 +570,8 @@ def _mnist_table(records: Sequence[Record]) -> list[str]:
 
 
 def _industrial_table(records: Sequence[Record]) -> list[str]:
-    """Rows = (dataset = normal_class, model); image/pixel figures, per-defect AUROC, training cost."""
+    """Rows = (dataset = normal_class, model); image/pixel figures, training cost, the device the row ran on
+    (its s/epoch and ms/image compare only with rows of the same device), per-defect AUROC."""
     with_ms = _has(records, "inference_ms_per_image")
     header = [
         "dataset",
@@ -584,7 +585,7 @@ def _industrial_table(records: Sequence[Record]) -> list[str]:
     ]
     if with_ms:
         header.append("ms/image")
-    header.append("per-defect AUROC")
+    header += ["device", "per-defect AUROC"]
     with_seeds = _repeated_seeds(records)
     if with_seeds:
         header.insert(2, "seed")
@@ -605,7 +606,7 @@ def _industrial_table(records: Sequence[Record]) -> list[str]:
         ]
         if with_ms:
             row.append(_f3(d.get("inference_ms_per_image")))
-        row.append(_per_defect_text(rec))
+        row += [d["device"], _per_defect_text(rec)]
         rows.append(row)
     return _table(header, rows)
 
