@@ -17,11 +17,9 @@ import pytest
 import torch
 from rich.console import Console
 
-from deploy.preprocess import InputSpec
-from trainer.datasets import load_images, scan_folder
+from tests.model_helpers import assert_onnx_matches_eager, mnist_test_images
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
-from trainer.export import export_onnx, ort_outputs
 from trainer.models import build_config
 from trainer.models.alcn import ALCN, ALCNConfig, NoiseDraw
 from trainer.run_dir import load_model
@@ -306,19 +304,8 @@ def test_trains_on_real_mnist_and_separates_the_easy_digit(trained_run: Path, mn
 
 def test_onnx_export_matches_eager_on_real_mnist(trained_run: Path, mnist_easy: Path, tmp_path: Path) -> None:
     model, _ = load_model(trained_run, "best", "cpu")
-    index = scan_folder(mnist_easy, need_test=True)
-    picked = [index.test[i] for i in np.linspace(0, len(index.test) - 1, 32).astype(int)]  # normals and digits
-    x = torch.from_numpy(load_images(picked, InputSpec(28, 28, 1))).float().div_(255.0)
-    path = tmp_path / "alcn.onnx"
-    export_onnx(model, InputSpec(x.shape[2], x.shape[3], x.shape[1]), path)  # what bundles ship
-    with torch.no_grad():
-        score, amap = model(x)
-    o_score, o_map = ort_outputs(path, x.numpy())
-    assert o_score.shape == (32,) and o_map.shape == (32, 1, 28, 28)
     # Tolerance: 1e-4 of the score scale (max eager score), and the same for the map.
-    scale = float(score.abs().max())
-    assert np.abs(o_score - score.numpy()).max() <= 1e-4 * scale
-    assert np.abs(o_map - amap.numpy()).max() <= 1e-4 * float(amap.max())
+    assert_onnx_matches_eager(model, mnist_test_images(mnist_easy, 32, 28), tmp_path / "alcn.onnx")
 
 
 # -- bad settings -----------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ import torch
 from pydantic import ValidationError
 
 from deploy.preprocess import InputSpec
+from tests.model_helpers import assert_onnx_matches_eager, mnist_test_images
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
-from trainer.export import export_onnx, ort_outputs
 from trainer.models.blocks import to_signed
 from trainer.models.cbigan import CBiGAN, CBiGANConfig, ResBlock, gradient_penalty, interpolate_pairs
 from trainer.run_dir import load_model
@@ -128,12 +128,8 @@ def test_texture_mode_scores_the_max_of_64_patches_and_exports(tmp_path: Path) -
     torch.testing.assert_close(score, per_patch_t.amax(1), rtol=1e-5, atol=1e-3)
     torch.testing.assert_close(amap, maps, rtol=1e-5, atol=1e-6)
 
-    f = tmp_path / "cbigan_texture.onnx"
-    export_onnx(model, InputSpec(x.shape[2], x.shape[3], x.shape[1]), f)  # what bundles ship
-    s_onnx, m_onnx = ort_outputs(f, x.numpy())
     # Tolerance: 1e-5 of the score scale, 1e-4 on the [0, 1] map (scores are L1 sums over 64x64x3 values, about 1e4).
-    assert np.abs(s_onnx - score.numpy()).max() <= 1e-5 * float(score.abs().max())
-    assert np.abs(m_onnx - amap.numpy()).max() <= 1e-4  # map in [0, 1] pixel units
+    assert_onnx_matches_eager(model, x, tmp_path / "cbigan_texture.onnx", score_rtol=1e-5, map_atol=1e-4)
 
 
 def test_texture_crops_are_rotated_64px_patches_inside_the_image() -> None:
@@ -270,17 +266,9 @@ def test_onnx_export_matches_eager_on_real_mnist(mnist_easy: Path, mnist_train_x
     for i in range(10):
         model.training_step(mnist_train_x[16 * i : 16 * i + 16], opts)
     model.eval()
-    index = scan_folder(mnist_easy)
-    picks = index.test[:: len(index.test) // 48][:48]
-    x = torch.from_numpy(load_images(picks, InputSpec(32, 32, 1))).float() / 255.0
-    with torch.no_grad():
-        score, amap = model(x)
-    f = tmp_path / "cbigan.onnx"
-    export_onnx(model, InputSpec(x.shape[2], x.shape[3], x.shape[1]), f)  # what bundles ship
-    s_onnx, m_onnx = ort_outputs(f, x.numpy())
+    x = mnist_test_images(mnist_easy, 48, 32)
     # Tolerance: 1e-5 of the score scale, 1e-4 on the [0, 1] map (L1 sums over 32x32 pixels, about 1e2-1e3).
-    assert np.abs(s_onnx - score.numpy()).max() <= 1e-5 * float(score.abs().max())
-    assert np.abs(m_onnx - amap.numpy()).max() <= 1e-4  # map in [0, 1] pixel units
+    assert_onnx_matches_eager(model, x, tmp_path / "cbigan.onnx", score_rtol=1e-5, map_atol=1e-4)
 
 
 def test_tiny_model_learns_the_easy_digit(mnist_easy: Path, tmp_path: Path) -> None:

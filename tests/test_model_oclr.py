@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from deploy.preprocess import InputSpec
+from tests.model_helpers import assert_onnx_matches_eager, mnist_test_images
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
-from trainer.export import export_onnx, ort_outputs
 from trainer.models import build_config
 from trainer.models.oclr import OCLR, OCLRConfig, guard_center
 from trainer.run_dir import load_model
@@ -308,19 +308,8 @@ def test_tiny_model_separates_the_easy_digit(trained_run: Path, mnist_easy: Path
 
 def test_onnx_export_matches_eager_on_real_images(trained_run: Path, mnist_easy: Path, tmp_path: Path) -> None:
     model, _ = load_model(trained_run, "best", "cpu")
-    index = scan_folder(mnist_easy)
-    picks = [s for i, s in enumerate(index.test) if i % 250 == 0]  # normals and every anomalous digit
-    x = torch.from_numpy(load_images(picks, InputSpec(32, 32, 1))).float() / 255.0
-    with torch.no_grad():
-        score, amap = model(x)
-    f = tmp_path / "oclr.onnx"
-    export_onnx(model, InputSpec(x.shape[2], x.shape[3], x.shape[1]), f)  # what bundles ship
-    o_score, o_map = ort_outputs(f, x.numpy())
-    assert o_score.shape == (len(x),) and o_map.shape == (len(x), 1, 32, 32)
     # Tolerance: 1e-4 of the score scale (the largest score in the batch); maps likewise per pixel.
-    scale = float(score.abs().max())
-    assert np.abs(o_score - score.numpy()).max() <= 1e-4 * scale
-    assert np.abs(o_map - amap.numpy()).max() <= 1e-4 * max(float(amap.max()), 1e-6)
+    assert_onnx_matches_eager(model, mnist_test_images(mnist_easy, 40, 32), tmp_path / "oclr.onnx")
 
 
 # --- bad settings ---------------------------------------------------------------------------------
