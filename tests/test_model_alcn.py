@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,15 @@ import pytest
 import torch
 from rich.console import Console
 
+from deploy.preprocess import InputSpec
 from tests.model_helpers import assert_onnx_matches_eager, mnist_test_images
+from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
 from trainer.eval_run import evaluate_run
 from trainer.models import build_config
 from trainer.models.alcn import ALCN, ALCNConfig, NoiseDraw
 from trainer.run_dir import load_model
-from trainer.train import TrainOptions, train
+from trainer.train import TrainOptions, split_train_val, train
 
 TINY = {"base_channels": 4, "latent": 16}  # the paper's 16/32 widths and 256-d z scaled down
 
@@ -94,17 +97,17 @@ def test_forward_shapes_and_dtypes(size: int, channels: int) -> None:
     torch.testing.assert_close(val, score)
     # G_noise makes noise of the image's shape, in [0, 1] (sigmoid), even for huge latents.
     with torch.no_grad():
-        noise = model.g_noise(100.0 * torch.randn(5, TINY["latent"]))
+        noise = model.noise_generator(100.0 * torch.randn(5, TINY["latent"]))
     assert noise.shape == (5, channels, size, size)
     assert noise.min() >= 0.0 and noise.max() <= 1.0
 
 
 def test_paper_nets_at_28x28() -> None:
     model = ALCN(config())  # paper defaults: 28x28 grey, b = 16, z in R^256
-    fc = model.g_noise.fc
+    fc = model.noise_generator.fc
     assert (fc.in_features, fc.out_features) == (256, 12_800) == (256, 32 * 20 * 20)
     assert fc.weight.numel() == 3_276_800 and fc.bias is not None and fc.bias.numel() == 12_800
-    assert len(model.g_noise.upsample) == 0  # the literal figure, no upsampling stack
+    assert len(model.noise_generator.upsample) == 0  # the literal figure, no upsampling stack
     convs = [m for m in model.g_denoise if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
     assert [(m.in_channels, m.out_channels, m.kernel_size, m.stride, m.padding) for m in convs] == [
         (1, 16, (5, 5), (1, 1), (0, 0)),
@@ -112,25 +115,25 @@ def test_paper_nets_at_28x28() -> None:
         (32, 16, (5, 5), (1, 1), (0, 0)),
         (16, 1, (5, 5), (1, 1), (0, 0)),
     ]
-    heads = [m for m in model.g_noise.head if isinstance(m, torch.nn.ConvTranspose2d)]
+    heads = [m for m in model.noise_generator.head if isinstance(m, torch.nn.ConvTranspose2d)]
     assert [(m.in_channels, m.out_channels, m.kernel_size) for m in heads] == [(32, 16, (5, 5)), (16, 1, (5, 5))]
-    assert isinstance(model.g_noise.head[-1], torch.nn.Sigmoid)
+    assert isinstance(model.noise_generator.head[-1], torch.nn.Sigmoid)
     c = model.config
     assert (c.image_size, c.batch_size, c.lr, c.noise_lr, c.alpha_min, c.alpha_max) == (28, 4096, 1e-5, 8e-3, 0.2, 0.9)
 
 
 def test_large_inputs_grow_the_noise_from_a_seed_map() -> None:
     model = ALCN(config(image_size=256, channels=3, base_channels=2))
-    g = model.g_noise
+    g = model.noise_generator
     assert (g.seed, g.inner) == (8, 248)  # 8 -> 256 in 5 doublings, cropped to 248, two 5x5 ConvT -> 256
     assert g.fc.out_features == 2 * 2 * 8 * 8
     with torch.no_grad():
         noise = g(torch.randn(2, 256))
     assert noise.shape == (2, 3, 256, 256) and noise.min() >= 0 and noise.max() <= 1
     # The literal figure up to noise_literal_max_size, the seed map above it.
-    assert ALCN(config(image_size=32, **TINY)).g_noise.literal
-    assert not ALCN(config(image_size=33, **TINY)).g_noise.literal
-    assert ALCN(config(image_size=48, noise_literal_max_size=48, **TINY)).g_noise.literal
+    assert ALCN(config(image_size=32, **TINY)).noise_generator.literal
+    assert not ALCN(config(image_size=33, **TINY)).noise_generator.literal
+    assert ALCN(config(image_size=48, noise_literal_max_size=48, **TINY)).noise_generator.literal
 
 
 # -- the two steps ----------------------------------------------------------------------------------
@@ -161,7 +164,7 @@ def test_optimisers_partition_the_parameters() -> None:
     opts = model.make_optimizers(1e-5)
     ids = {k: {id(p) for g in o.param_groups for p in g["params"]} for k, o in opts.items()}
     assert ids["denoise"] == {id(p) for p in model.g_denoise.parameters()}
-    assert ids["noise"] == {id(p) for p in model.g_noise.parameters()}
+    assert ids["noise"] == {id(p) for p in model.noise_generator.parameters()}
     assert {id(p) for p in model.parameters()} == ids["denoise"] | ids["noise"]
     assert opts["denoise"].param_groups[0]["lr"] == 1e-5  # the trainer's --lr is the denoiser's
     assert opts["noise"].param_groups[0]["lr"] == 8e-3
@@ -176,16 +179,16 @@ def test_noise_step_never_touches_the_denoiser_and_ascends_the_loss() -> None:
     x = torch.rand(8, 1, 28, 28)
     d = model.draw(x)
     with torch.no_grad():
-        before_loss = model.ffl(model.g_denoise(model.blend(x, model.g_noise(d.z), d.alpha)), x)
-    den, noi = _snapshot(model.g_denoise), _snapshot(model.g_noise)
+        before_loss = model.ffl(model.g_denoise(model.blend(x, model.noise_generator(d.z), d.alpha)), x)
+    den, noi = _snapshot(model.g_denoise), _snapshot(model.noise_generator)
     loss = model.noise_step(x, d, opts["noise"])
     assert loss == pytest.approx(float(before_loss), rel=1e-5)
     assert _changed(model.g_denoise, den) == set()
     assert all(p.grad is None for p in model.g_denoise.parameters())  # frozen: no gradient accumulated
     assert all(p.requires_grad for p in model.parameters())  # unfrozen again afterwards
-    assert _changed(model.g_noise, noi) == set(noi)
+    assert _changed(model.noise_generator, noi) == set(noi)
     with torch.no_grad():
-        after_loss = model.ffl(model.g_denoise(model.blend(x, model.g_noise(d.z), d.alpha)), x)
+        after_loss = model.ffl(model.g_denoise(model.blend(x, model.noise_generator(d.z), d.alpha)), x)
     assert after_loss > before_loss  # G_noise ASCENDS L
 
 
@@ -198,13 +201,13 @@ def test_denoise_step_never_touches_the_noise_generator_and_descends_the_loss() 
 
     def loss_now() -> torch.Tensor:
         with torch.no_grad():
-            return model.ffl(model.g_denoise(model.blend(x, model.g_noise(d.z), d.alpha)), x)
+            return model.ffl(model.g_denoise(model.blend(x, model.noise_generator(d.z), d.alpha)), x)
 
     before_loss = loss_now()
-    den, noi = _snapshot(model.g_denoise), _snapshot(model.g_noise)
+    den, noi = _snapshot(model.g_denoise), _snapshot(model.noise_generator)
     model.denoise_step(x, d, opts["denoise"])
-    assert _changed(model.g_noise, noi) == set()
-    assert all(p.grad is None for p in model.g_noise.parameters())
+    assert _changed(model.noise_generator, noi) == set()
+    assert all(p.grad is None for p in model.noise_generator.parameters())
     assert _changed(model.g_denoise, den) == set(den)
     assert loss_now() < before_loss
 
@@ -217,9 +220,9 @@ def test_one_z_and_alpha_per_batch_reused_by_the_updated_noise_generator() -> No
     x = torch.rand(8, 1, 28, 28)
     noise_inputs: list[torch.Tensor] = []
     denoise_inputs: list[torch.Tensor] = []
-    model.g_noise.register_forward_pre_hook(lambda m, args: noise_inputs.append(args[0].detach().clone()))
+    model.noise_generator.register_forward_pre_hook(lambda m, args: noise_inputs.append(args[0].detach().clone()))
     model.g_denoise.register_forward_pre_hook(lambda m, args: denoise_inputs.append(args[0].detach().clone()))
-    g_noise_before = copy.deepcopy(model.g_noise)
+    g_noise_before = copy.deepcopy(model.noise_generator)
 
     model.training_step(x, opts)
     d = model.last_draw
@@ -227,7 +230,7 @@ def test_one_z_and_alpha_per_batch_reused_by_the_updated_noise_generator() -> No
     assert len(noise_inputs) == 2 and len(denoise_inputs) == 2  # one call per step, nothing else
     assert torch.equal(noise_inputs[0], d.z) and torch.equal(noise_inputs[1], d.z)
     with torch.no_grad():
-        n1, n2 = g_noise_before(d.z), model.g_noise(d.z)
+        n1, n2 = g_noise_before(d.z), model.noise_generator(d.z)
     assert not torch.equal(n1, n2)  # step 2 uses the UPDATED G_noise
     torch.testing.assert_close(denoise_inputs[0], d.alpha * x + (1 - d.alpha) * n1)
     torch.testing.assert_close(denoise_inputs[1], d.alpha * x + (1 - d.alpha) * n2)
@@ -308,6 +311,115 @@ def test_onnx_export_matches_eager_on_real_mnist(trained_run: Path, mnist_easy: 
     assert_onnx_matches_eager(model, mnist_test_images(mnist_easy, 32, 28), tmp_path / "alcn.onnx")
 
 
+# -- the paper's standardised input, and the random-noise ablation -------------------------------------
+
+
+def _batches(x: torch.Tensor, size: int = 7) -> Callable[[], Iterator[torch.Tensor]]:
+    """``before_training``'s argument: ``x`` in batches of ``size`` (the last one shorter)."""
+    return lambda: iter(x.split(size))
+
+
+def test_standardise_measures_the_training_images_and_scores_in_standardised_units(mnist_easy: Path) -> None:
+    torch.manual_seed(0)
+    x = mnist_test_images(mnist_easy, 40, 28)
+    model = tiny(input_norm="standardise").eval()
+    model.before_training(_batches(x))
+    torch.testing.assert_close(model.input_mean, x.mean().reshape(1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(model.input_std, x.std(unbiased=False).reshape(1), rtol=0, atol=1e-6)
+    assert 0.05 < float(model.input_mean) < 0.3  # MNIST: mostly black background, in [0, 1] units
+
+    plain = tiny().eval()  # the same denoiser fed the standardised images by hand
+    plain.g_denoise.load_state_dict(model.g_denoise.state_dict())
+    xs = (x - model.input_mean.view(1, -1, 1, 1)) / model.input_std.view(1, -1, 1, 1)
+    with torch.no_grad():
+        score, amap = model(x)
+        ref_score, ref_map = plain(xs)
+    torch.testing.assert_close(score, ref_score)
+    torch.testing.assert_close(amap, ref_map)
+    # The statistics are state: a checkpoint carries them into a fresh model.
+    fresh = tiny(input_norm="standardise")
+    fresh.load_state_dict(model.state_dict())
+    assert torch.equal(fresh.input_std, model.input_std)
+
+
+def test_standardise_trains_on_standardised_images_and_refuses_unset_statistics() -> None:
+    torch.manual_seed(0)
+    model = tiny(input_norm="standardise").train()
+    opts = model.make_optimizers(1e-3)
+    x = torch.rand(8, 1, 28, 28)
+    with pytest.raises(RuntimeError, match="input statistics are not set"):
+        model.training_step(x, opts)
+    model.before_training(_batches(x))
+    inputs: list[torch.Tensor] = []
+    model.g_denoise.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+    model.training_step(x, opts)
+    d = model.last_draw
+    assert d is not None
+    xs = (x - model.input_mean.view(1, -1, 1, 1)) / model.input_std.view(1, -1, 1, 1)
+    with torch.no_grad():
+        noise = model.noise_generator(d.z)  # the updated G_noise: the denoise step's noise
+    torch.testing.assert_close(inputs[1], d.alpha * xs + (1 - d.alpha) * noise)
+
+
+def test_standardise_constant_images_get_a_clear_error() -> None:
+    model = tiny(input_norm="standardise", channels=3)
+    x = torch.rand(4, 3, 28, 28)
+    x[:, 1] = 0.5  # a dead colour channel
+    with pytest.raises(UserError, match=r"constant in channel\(s\) \[1\].*input_norm=unit"):
+        model.before_training(_batches(x))
+
+
+def test_standardised_run_through_the_trainer_exports_its_statistics(
+    mnist_one_small: Path, mnist_easy: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    opts = TrainOptions(
+        model="alcn",
+        data=mnist_one_small,
+        out=run,
+        epochs=2,
+        batch_size=32,
+        lr=1e-3,
+        device="cpu",
+        model_options={**TINY, "input_norm": "standardise"},
+    )
+    train(opts, console=Console(stderr=True, quiet=True))
+    model, _ = load_model(run, "best", "cpu")
+    assert isinstance(model, ALCN)
+    # Measured over the run's training images (never its held-out 10%), in [0, 1] units.
+    cfg = json.loads((run / "config.json").read_text())
+    train_idx, _ = split_train_val(1000, cfg["val_fraction"], cfg["seed"])
+    index = scan_folder(mnist_one_small, need_test=False)
+    x = torch.from_numpy(load_images([index.train[i] for i in train_idx], InputSpec(28, 28, 1))).double() / 255
+    assert len(x) == 900
+    assert float(model.input_mean) == pytest.approx(float(x.mean()), abs=1e-6)
+    assert float(model.input_std) == pytest.approx(float(x.std(unbiased=False)), abs=1e-6)
+    # The graph standardises too: ONNX Runtime on [0, 1] images matches eager.
+    assert_onnx_matches_eager(model, mnist_test_images(mnist_easy, 32, 28), tmp_path / "alcn-std.onnx")
+
+
+def test_uniform_noise_ablation_has_no_noise_generator() -> None:
+    torch.manual_seed(0)
+    model = tiny(noise="uniform").train()
+    assert model.g_noise is None
+    assert all(k.startswith("g_denoise.") for k in model.state_dict())
+    opts = model.make_optimizers(1e-3)
+    assert set(opts) == {"denoise"}
+    x = torch.rand(8, 1, 28, 28)
+    inputs: list[torch.Tensor] = []
+    model.g_denoise.register_forward_pre_hook(lambda m, args: inputs.append(args[0].detach().clone()))
+    den = _snapshot(model.g_denoise)
+    losses = model.training_step(x, opts)
+    assert set(losses) == {"denoise"} and np.isfinite(losses["denoise"])
+    d = model.last_draw
+    assert d is not None and d.uniform is not None and d.uniform.shape == x.shape
+    assert float(d.uniform.min()) >= 0 and float(d.uniform.max()) <= 1
+    assert float(d.uniform.std()) > 0.2  # per pixel, not one value (U[0, 1]: sd 0.29)
+    assert len(inputs) == 1  # one denoise step, no noise step
+    torch.testing.assert_close(inputs[0], d.alpha * x + (1 - d.alpha) * d.uniform)
+    assert _changed(model.g_denoise, den) == set(den)
+
+
 # -- bad settings -----------------------------------------------------------------------------------
 
 
@@ -334,6 +446,8 @@ def test_batch_size_defaults_by_image_size() -> None:
         ({"alpha_min": 0.9, "alpha_max": 0.2}, "alpha_min"),
         ({"alpha_max": 1.5}, "invalid settings for model 'alcn'"),
         ({"noise_lr": 0}, "invalid settings for model 'alcn'"),
+        ({"input_norm": "zscore"}, "input_norm: Input should be 'unit' or 'standardise'"),
+        ({"noise": "gaussian"}, "noise: Input should be 'adversarial' or 'uniform'"),
         ({"no_such_setting": 1}, "invalid settings for model 'alcn'"),
     ],
 )

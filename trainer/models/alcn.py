@@ -34,9 +34,16 @@ map: |x - G_denoise(x)| per pixel, mean over channels. Only G_denoise is in the 
 
 Choices the paper leaves open ("paper: ...; ours: ..."):
 
-- paper: inputs standardised; ours: x in [0, 1], no normalisation inside ``forward``: the blend
-  alpha x + (1 - alpha) noise mixes the image with sigmoid noise in [0, 1], which is only
-  range-consistent for [0, 1] images (the paper's own argument assumes it; MODELS.md).
+- paper: inputs standardised; ours by default (``input_norm="unit"``, MODELS.md): x in [0, 1], no
+  normalisation inside ``forward``: the blend alpha x + (1 - alpha) noise mixes the image with sigmoid
+  noise in [0, 1], which is only range-consistent for [0, 1] images (the paper's own argument
+  assumes it). ``input_norm="standardise"`` is the paper's: x' = (x - mean) / std per channel, with
+  mean and std of the training images measured by ``before_training`` (how the paper computes them
+  is not stated) and kept as buffers, so the exported graph standardises too; blend, loss and score
+  then work on x' (the score in standardised units).
+- paper: ablation against "random" and Gaussian noise, their parameters not stated; ours:
+  ``noise="uniform"``, per-pixel U[0, 1] noise in the same blend, no G_noise and no noise step (what
+  the learned noise adds over the noise it is initialised to resemble). Gaussian noise is not built.
 - paper: "alpha ~ U[0.2, 0.9]" for each batch, per-sample not stated; ours: one alpha per batch
   (``alpha_per_sample=False``), reused in both steps; ``alpha_per_sample=True`` draws one per image.
 - paper: z drawn once per batch; ours: z is [B, latent], one vector per image (so the images of a
@@ -71,7 +78,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -90,6 +97,7 @@ MIN_SIZE = 16
 MAX_SIZE = 1024
 LITERAL_MAX_SIZE = 32  # the paper's figure is literal up to CIFAR's 32 px
 LARGE_IMAGE_BATCH = 16
+MIN_INPUT_STD = 1e-6  # [0, 1] units: below it a channel is constant and cannot be standardised
 
 
 class ALCNConfig(ModelConfig):
@@ -113,6 +121,16 @@ class ALCNConfig(ModelConfig):
         LITERAL_MAX_SIZE, ge=MIN_SIZE, description="largest image size at which G_noise is the paper's literal figure"
     )
     noise_seed_size: int = Field(8, ge=1, description="above the literal size: max side of G_noise's seed map, pixels")
+    input_norm: Literal["unit", "standardise"] = Field(
+        "unit",
+        description="unit: x in [0, 1] as fed (MODELS.md); standardise: (x - mean) / std per channel of the "
+        "training images, computed before training and kept in the graph (the paper)",
+    )
+    noise: Literal["adversarial", "uniform"] = Field(
+        "adversarial",
+        description="adversarial: G_noise, the method; uniform: per-pixel U[0, 1] noise in the same blend and no "
+        "G_noise (the paper's ablation against random noise)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -132,6 +150,7 @@ class NoiseDraw:
 
     z: torch.Tensor  # [B, latent]
     alpha: torch.Tensor  # [1 or B, 1, 1, 1]
+    uniform: torch.Tensor | None = None  # [B, C, H, W] U[0, 1] noise, only with ``noise="uniform"``
 
 
 def denoiser(channels: int, base: int) -> nn.Sequential:
@@ -209,14 +228,21 @@ class ALCN(Detector):
     name = "alcn"
     Config = ALCNConfig
     config: ALCNConfig
+    input_mean: torch.Tensor  # [C], only with input_norm="standardise"
+    input_std: torch.Tensor
 
     def __init__(self, config: ALCNConfig) -> None:
         super().__init__(config)
         c = config
         self.g_denoise = denoiser(c.channels, c.base_channels)
-        self.g_noise = NoiseGenerator(c)
+        # Built only when it trains: the uniform-noise ablation has no noise generator at all.
+        self.g_noise = NoiseGenerator(c) if c.noise == "adversarial" else None
         self.ffl = FocalFrequencyLoss(loss_weight=1.0, alpha=c.ffl_alpha)
         self.last_draw: NoiseDraw | None = None  # for inspection only (not state: redrawn every batch)
+        if c.input_norm == "standardise":
+            # NaN until ``before_training`` measures the training images: training on unset statistics is refused.
+            self.register_buffer("input_mean", torch.full((c.channels,), float("nan")))
+            self.register_buffer("input_std", torch.full((c.channels,), float("nan")))
 
     @classmethod
     def check_config(cls, config: ModelConfig) -> None:
@@ -231,11 +257,52 @@ class ALCN(Detector):
                 f"model {cls.name!r}: alpha_min ({config.alpha_min}) must not exceed alpha_max ({config.alpha_max})"
             )
 
+    # -- input statistics -----------------------------------------------------------------------
+
+    @torch.no_grad()
+    def before_training(self, batches: Callable[[], Iterator[torch.Tensor]]) -> None:
+        """With ``input_norm="standardise"``: the per-channel mean and standard deviation of the training
+        images (in [0, 1] units, float64 sums), kept in buffers so that checkpoints and the exported
+        graph carry them. Nothing to do for ``"unit"``."""
+        if self.config.input_norm != "standardise":
+            return
+        c = self.config.channels
+        total = torch.zeros(c, dtype=torch.float64)
+        total_sq = torch.zeros(c, dtype=torch.float64)
+        n = 0
+        for x in batches():
+            xd = x.detach().to("cpu", torch.float64)
+            total += xd.sum(dim=(0, 2, 3))
+            total_sq += (xd * xd).sum(dim=(0, 2, 3))
+            n += xd.shape[0] * xd.shape[2] * xd.shape[3]
+        if n == 0:
+            raise RuntimeError("ALCN.before_training got no training images to standardise with")
+        mean = total / n
+        std = (total_sq / n - mean * mean).clamp(min=0).sqrt()
+        if bool((std < MIN_INPUT_STD).any()):
+            flat = [i for i in range(c) if float(std[i]) < MIN_INPUT_STD]
+            raise UserError(
+                f"model {self.name!r} with input_norm=standardise: the training images are constant in channel(s) "
+                f"{flat} (standard deviation below {MIN_INPUT_STD}), so they cannot be standardised; "
+                "check the images, or use input_norm=unit"
+            )
+        self.input_mean.copy_(mean.float())
+        self.input_std.copy_(std.float())
+
+    def normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """The model's input space: x itself (``"unit"``) or (x - mean) / std per channel (``"standardise"``)."""
+        if self.config.input_norm != "standardise":
+            return x
+        shape = (1, -1, 1, 1)
+        return (x - self.input_mean.view(shape)) / self.input_std.view(shape)
+
     # -- scoring --------------------------------------------------------------------------------
 
     def error_map(self, x: torch.Tensor) -> torch.Tensor:
-        """|x - G_denoise(x)| per pixel, mean over channels, float32 [B, 1, H, W] (clean input)."""
-        return (x - self.g_denoise(x)).abs().float().mean(dim=1, keepdim=True)
+        """|x' - G_denoise(x')| per pixel, mean over channels, float32 [B, 1, H, W], x' = ``normalise(x)``
+        (clean input; in standardised units with ``input_norm="standardise"``)."""
+        xn = self.normalise(x)
+        return (xn - self.g_denoise(xn)).abs().float().mean(dim=1, keepdim=True)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         amap = self.error_map(x)
@@ -248,19 +315,28 @@ class ALCN(Detector):
     # -- training -------------------------------------------------------------------------------
 
     def make_optimizers(self, lr: float) -> dict[str, torch.optim.Optimizer]:
-        return {
-            "denoise": torch.optim.Adam(self.g_denoise.parameters(), lr=lr),
-            "noise": torch.optim.Adam(self.g_noise.parameters(), lr=self.config.noise_lr),
-        }
+        opts: dict[str, torch.optim.Optimizer] = {"denoise": torch.optim.Adam(self.g_denoise.parameters(), lr=lr)}
+        if self.g_noise is not None:
+            opts["noise"] = torch.optim.Adam(self.g_noise.parameters(), lr=self.config.noise_lr)
+        return opts
 
     def draw(self, x: torch.Tensor) -> NoiseDraw:
-        """z [B, latent] ~ N(0, I) and alpha ~ U[alpha_min, alpha_max] for one batch (torch's default RNG)."""
+        """z [B, latent] ~ N(0, I) and alpha ~ U[alpha_min, alpha_max] for one batch, then (uniform-noise
+        ablation only) per-pixel U[0, 1] noise shaped like ``x``; torch's default RNG, in that order."""
         c = self.config
         b = x.shape[0]
         z = torch.randn(b, c.latent, device=x.device, dtype=x.dtype)
         n_alpha = b if c.alpha_per_sample else 1
         u = torch.rand(n_alpha, 1, 1, 1, device=x.device, dtype=x.dtype)
-        return NoiseDraw(z=z, alpha=c.alpha_min + (c.alpha_max - c.alpha_min) * u)
+        uniform = torch.rand_like(x) if c.noise == "uniform" else None
+        return NoiseDraw(z=z, alpha=c.alpha_min + (c.alpha_max - c.alpha_min) * u, uniform=uniform)
+
+    @property
+    def noise_generator(self) -> NoiseGenerator:
+        """G_noise; a RuntimeError for the uniform-noise ablation, which has none."""
+        if self.g_noise is None:
+            raise RuntimeError("this ALCN has no noise generator (noise='uniform')")
+        return self.g_noise
 
     @staticmethod
     def blend(x: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
@@ -271,24 +347,36 @@ class ALCN(Detector):
         """Step 1: G_noise ascends L(x, G_denoise(xn)); G_denoise frozen. Returns L."""
         opt.zero_grad(set_to_none=True)
         with frozen(self.g_denoise):
-            loss = self.ffl(self.g_denoise(self.blend(x, self.g_noise(d.z), d.alpha)), x)
+            loss = self.ffl(self.g_denoise(self.blend(x, self.noise_generator(d.z), d.alpha)), x)
             (-loss).backward()
         opt.step()
         return float(loss.detach())
 
     def denoise_step(self, x: torch.Tensor, d: NoiseDraw, opt: torch.optim.Optimizer) -> float:
-        """Step 2: G_denoise descends L(x, G_denoise(xn')), xn' from the current G_noise (no gradients)."""
+        """Step 2: G_denoise descends L(x, G_denoise(xn')), xn' from the current G_noise (no gradients),
+        or from the draw's uniform noise in the ablation."""
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            noise = self.g_noise(d.z)
+        if d.uniform is not None:
+            noise = d.uniform
+        else:
+            with torch.no_grad():
+                noise = self.noise_generator(d.z)
         loss = self.ffl(self.g_denoise(self.blend(x, noise, d.alpha)), x)
         loss.backward()
         opt.step()
         return float(loss.detach())
 
     def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
+        if self.config.input_norm == "standardise" and bool(torch.isnan(self.input_std).any()):
+            raise RuntimeError(
+                "ALCN's input statistics are not set: call before_training(batches) over the training images "
+                "before training (the trainer does this for a new run; a resumed run loads them)"
+            )
+        x = self.normalise(x)
         d = self.draw(x)
         self.last_draw = d
+        if self.g_noise is None:
+            return {"denoise": self.denoise_step(x, d, optimizers["denoise"])}
         l_noise = self.noise_step(x, d, optimizers["noise"])
         l_denoise = self.denoise_step(x, d, optimizers["denoise"])
         return {"noise": l_noise, "denoise": l_denoise}
