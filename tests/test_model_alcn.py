@@ -398,6 +398,23 @@ def test_standardised_run_through_the_trainer_exports_its_statistics(
     assert_onnx_matches_eager(model, mnist_test_images(mnist_easy, 32, 28), tmp_path / "alcn-std.onnx")
 
 
+def test_l2_score_is_the_mean_squared_error_of_the_same_denoiser(mnist_easy: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    l1 = tiny().eval()
+    l2 = tiny(score="l2").eval()
+    l2.load_state_dict(l1.state_dict())  # same weights: the score setting is not state
+    x = mnist_test_images(mnist_easy, 16, 28)
+    with torch.no_grad():
+        err = x - l1.g_denoise(x)
+        s1, m1 = l1(x)
+        s2, m2 = l2(x)
+    torch.testing.assert_close(m1, err.abs())
+    torch.testing.assert_close(m2, err * err)
+    torch.testing.assert_close(s2, (err * err).flatten(1).mean(dim=1))
+    assert not torch.allclose(s1, s2)
+    assert_onnx_matches_eager(l2, x, tmp_path / "alcn-l2.onnx")
+
+
 def test_uniform_noise_ablation_has_no_noise_generator() -> None:
     torch.manual_seed(0)
     model = tiny(noise="uniform").train()
@@ -448,6 +465,7 @@ def test_batch_size_defaults_by_image_size() -> None:
         ({"noise_lr": 0}, "invalid settings for model 'alcn'"),
         ({"input_norm": "zscore"}, "input_norm: Input should be 'unit' or 'standardise'"),
         ({"noise": "gaussian"}, "noise: Input should be 'adversarial' or 'uniform'"),
+        ({"score": "max"}, "score: Input should be 'l1' or 'l2'"),
         ({"no_such_setting": 1}, "invalid settings for model 'alcn'"),
     ],
 )
