@@ -241,6 +241,7 @@ class ALCN(Detector):
     config: ALCNConfig
     input_mean: torch.Tensor  # [C], only with input_norm="standardise"
     input_std: torch.Tensor
+    input_measured: torch.Tensor  # bool []: set by before_training
 
     def __init__(self, config: ALCNConfig) -> None:
         super().__init__(config)
@@ -251,9 +252,11 @@ class ALCN(Detector):
         self.ffl = FocalFrequencyLoss(loss_weight=1.0, alpha=c.ffl_alpha)
         self.last_draw: NoiseDraw | None = None  # for inspection only (not state: redrawn every batch)
         if c.input_norm == "standardise":
-            # NaN until ``before_training`` measures the training images: training on unset statistics is refused.
-            self.register_buffer("input_mean", torch.full((c.channels,), float("nan")))
-            self.register_buffer("input_std", torch.full((c.channels,), float("nan")))
+            # The identity until ``before_training`` measures the training images (a fresh model scores like
+            # an unstandardised one, never NaN); training before that is refused, by ``input_measured``.
+            self.register_buffer("input_mean", torch.zeros(c.channels))
+            self.register_buffer("input_std", torch.ones(c.channels))
+            self.register_buffer("input_measured", torch.zeros((), dtype=torch.bool))
 
     @classmethod
     def check_config(cls, config: ModelConfig) -> None:
@@ -299,6 +302,7 @@ class ALCN(Detector):
             )
         self.input_mean.copy_(mean.float())
         self.input_std.copy_(std.float())
+        self.input_measured.fill_(True)
 
     def normalise(self, x: torch.Tensor) -> torch.Tensor:
         """The model's input space: x itself (``"unit"``) or (x - mean) / std per channel (``"standardise"``)."""
@@ -381,7 +385,7 @@ class ALCN(Detector):
         return float(loss.detach())
 
     def training_step(self, x: torch.Tensor, optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, float]:
-        if self.config.input_norm == "standardise" and bool(torch.isnan(self.input_std).any()):
+        if self.config.input_norm == "standardise" and not bool(self.input_measured):
             raise RuntimeError(
                 "ALCN's input statistics are not set: call before_training(batches) over the training images "
                 "before training (the trainer does this for a new run; a resumed run loads them)"
