@@ -42,7 +42,7 @@ Choices the paper leaves open ("paper: ...; ours: ..."):
   mean and std of the training images measured by ``before_training`` (how the paper computes them
   is not stated) and kept as buffers, so the exported graph standardises too; blend, loss and score
   then work on x' (the score in standardised units). Measured (docs/benchmarks.md, denoiser lr 1e-3):
-  one-class MNIST +0.03 (l1 score) and +0.005 (l2), ELPV -0.06 to -0.18, so MODELS.md's [0, 1] stays
+  one-class MNIST +0.03 (l1 score) and +0.005 (l2), ELPV -0.04 to -0.18, so MODELS.md's [0, 1] stays
   the default.
 - paper: ablation against "random" and Gaussian noise, their parameters not stated; ours:
   ``noise="uniform"``, per-pixel U[0, 1] noise in the same blend, no G_noise and no noise step (what
