@@ -31,7 +31,7 @@ formula computed directly.
 
 Score: mean |x - G_denoise(x)| over channels and pixels on the CLEAN input (no noise at test time);
 map: |x - G_denoise(x)| per pixel, mean over channels (``score="l2"``: squared errors, below). Only
-G_denoise is in the exported graph.
+G_denoise (after the input standardisation with ``input_norm="standardise"``) is in the exported graph.
 
 Choices the paper leaves open ("paper: ...; ours: ..."):
 
@@ -76,8 +76,8 @@ Choices the paper leaves open ("paper: ...; ours: ..."):
   unitary, so sum |F(a) - F(b)|^2 = sum |a - b|^2) and the ``ae`` baseline's score. Found with a
   diagnostic on the MNIST test split (scripts/alcn_scores.py), where it gains 0.08; ELPV, measured
   after that, gains nothing (-0.00 mono, -0.02 poly), so l1 stays the default (docs/benchmarks.md).
-- paper: model selection not stated; ours: ``validation_loss`` = the anomaly score itself, mean
-  |x - G_denoise(x)| per held-out normal image. It does not depend on G_noise (whose adversarial
+- paper: model selection not stated; ours: ``validation_loss`` = the anomaly score itself (as
+  ``score`` and ``input_norm`` define it) per held-out normal image. It does not depend on G_noise (whose adversarial
   loss is not stationary), so it compares checkpoints on one fixed scale: how well the denoiser
   reproduces normal images, which is what the score measures.
 """
