@@ -25,6 +25,7 @@ from sklearn.metrics import roc_auc_score
 
 from deploy.preprocess import InputSpec
 from trainer.datasets.folder import load_images, scan_folder
+from trainer.errors import UserError
 from trainer.models.alcn import ALCN
 from trainer.run_dir import load_model, read_run_config
 
@@ -59,18 +60,28 @@ def main() -> None:
     p.add_argument("--data", type=Path, help="data folder to score (default: each run's training folder)")
     args = p.parse_args()
     torch.set_num_threads(1)
-    for run in args.runs:
-        cfg = read_run_config(run)
-        model, _ = load_model(run, "best", "cpu")
-        if not isinstance(model, ALCN):
-            raise SystemExit(f"error: {run} is a {cfg.model!r} run, not an alcn one")
-        folder = scan_folder(args.data or Path(cfg.data), need_test=True)
-        test = [s for s in folder.test if s.defect not in folder.report_apart]  # as the overall AUROC does
-        c = model.config
-        x = torch.from_numpy(load_images(test, InputSpec(c.image_size, c.image_size, c.channels))).float()
-        y = np.array([s.label for s in test])
-        found = scores(model, x / 255.0)
-        print(run.name, "  ".join(f"{k} {roc_auc_score(y, v):.3f}" for k, v in found.items()), flush=True)
+    try:
+        for run in args.runs:
+            print(run.name, "  ".join(f"{k} {v:.3f}" for k, v in run_aurocs(run, args.data).items()), flush=True)
+    except UserError as exc:  # a folder that is not a run, a run of another model, data without test images
+        raise SystemExit(f"error: {exc}") from None
+
+
+def run_aurocs(run: Path, data: Path | None = None) -> dict[str, float]:
+    """The image AUROC of each score (``scores``) for ``run``'s best checkpoint on ``data``'s test split
+    (default: the run's training folder), without the defects the folder reports apart."""
+    cfg = read_run_config(run)
+    model, _ = load_model(run, "best", "cpu")
+    if not isinstance(model, ALCN):
+        raise UserError(f"{run} is a {cfg.model!r} run, not an alcn one")
+    folder = scan_folder(data or Path(cfg.data), need_test=True)
+    test = [s for s in folder.test if s.defect not in folder.report_apart]  # as the overall AUROC does
+    y = np.array([s.label for s in test])
+    if len(set(y.tolist())) < 2:
+        raise UserError(f"the test split of {folder.root} needs both normal and anomalous images")
+    c = model.config
+    x = torch.from_numpy(load_images(test, InputSpec(c.image_size, c.image_size, c.channels))).float()
+    return {k: float(roc_auc_score(y, v)) for k, v in scores(model, x / 255.0).items()}
 
 
 if __name__ == "__main__":

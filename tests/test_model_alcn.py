@@ -10,6 +10,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -19,6 +21,7 @@ import torch
 from rich.console import Console
 
 from deploy.preprocess import InputSpec
+from scripts import alcn_scores
 from tests.model_helpers import assert_onnx_matches_eager, mnist_test_images
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
@@ -307,6 +310,19 @@ def test_trains_on_real_mnist_and_separates_the_easy_digit(trained_run: Path, mn
     assert metrics["n_normal"] == 1135 and metrics["n_anomalous"] == 10000 - 1135
     # Measured 0.981 (untrained: 0.886, paper lr 1e-5 for these 280 steps: 0.896); threshold with margin.
     assert metrics["auroc"] >= 0.95, metrics
+
+
+def test_score_diagnostic_reproduces_the_trainers_auroc(trained_run: Path, mnist_easy: Path, tmp_path: Path) -> None:
+    """scripts/alcn_scores.py: its l1 column is the model's own score, so it equals the evaluation's AUROC."""
+    metrics = evaluate_run(trained_run, mnist_easy, device="cpu", console=Console(stderr=True, quiet=True))
+    found = alcn_scores.run_aurocs(trained_run, mnist_easy)
+    assert set(found) == {"l1", "l2", "ffl", "brightness"}
+    assert found["l1"] == pytest.approx(metrics["auroc"], abs=1e-9)
+    assert all(0 <= v <= 1 for v in found.values())
+    out = subprocess.run(
+        [sys.executable, str(alcn_scores.__file__), str(tmp_path)], capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 1 and out.stderr.startswith("error:") and "Traceback" not in out.stderr, out.stderr
 
 
 def test_onnx_export_matches_eager_on_real_mnist(trained_run: Path, mnist_easy: Path, tmp_path: Path) -> None:
