@@ -5,7 +5,7 @@ run's best checkpoint and prints the image AUROC of:
 
 - ``l1``: mean |x' - G_denoise(x')| (the model's ``score="l1"``), x' the model's input space;
 - ``l2``: mean (x' - G_denoise(x'))^2 (``score="l2"``);
-- ``ffl``: the focal frequency loss of each image alone (the training loss, per image);
+- ``ffl``: the focal frequency loss of each image alone (the model's own training loss object);
 - ``brightness``: the mean intensity of x in [0, 1] (no model: what a score that only measures the
   amount of ink or light would reach).
 
@@ -32,14 +32,6 @@ from trainer.run_dir import load_model, read_run_config
 BATCH = 1000
 
 
-def per_image_ffl(pred: torch.Tensor, target: torch.Tensor, alpha: float) -> torch.Tensor:
-    """The focal frequency loss of each image alone, float64 [B] (the package averages over the batch)."""
-    d = (torch.fft.fft2(pred.double(), norm="ortho") - torch.fft.fft2(target.double(), norm="ortho")).abs() ** 2
-    w = d.sqrt() ** alpha
-    w = (w / w.flatten(2).max(dim=-1).values[..., None, None]).nan_to_num(0.0).clamp(0.0, 1.0)
-    return (w * d).flatten(1).mean(dim=1)
-
-
 @torch.no_grad()
 def scores(model: ALCN, x: torch.Tensor) -> dict[str, np.ndarray]:
     """The four scores of ``x`` (float32 [N, C, H, W] in [0, 1]) by name, float64 [N] each."""
@@ -49,7 +41,9 @@ def scores(model: ALCN, x: torch.Tensor) -> dict[str, np.ndarray]:
         diff = xs - model.g_denoise(xs)
         out["l1"].append(diff.abs().flatten(1).mean(dim=1).double())
         out["l2"].append((diff * diff).flatten(1).mean(dim=1).double())
-        out["ffl"].append(per_image_ffl(xs - diff, xs, model.config.ffl_alpha))
+        # The model's own loss object, one image at a time (it averages over the batch it is given).
+        per_image = [model.ffl(p[None], t[None]) for p, t in zip(xs - diff, xs, strict=True)]
+        out["ffl"].append(torch.stack(per_image).double())
         out["brightness"].append(chunk.flatten(1).mean(dim=1).double())
     return {k: torch.cat(v).numpy() for k, v in out.items()}
 

@@ -295,8 +295,8 @@ class ALCN(Detector):
             raise RuntimeError("ALCN.before_training got no training images to standardise with")
         mean = total / n
         std = (total_sq / n - mean * mean).clamp(min=0).sqrt()
-        if bool((std < MIN_INPUT_STD).any()):
-            flat = [i for i in range(c) if float(std[i]) < MIN_INPUT_STD]
+        flat = (std < MIN_INPUT_STD).nonzero().flatten().tolist()
+        if flat:
             raise UserError(
                 f"model {self.name!r} with input_norm=standardise: the training images are constant in channel(s) "
                 f"{flat} (standard deviation below {MIN_INPUT_STD}), so they cannot be standardised; "
