@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from deploy import __version__
+from deploy.durable import atomic_file, write_bytes_atomic
 from deploy.manifest import (
     RESERVED_NAMES,
     BundleError,
@@ -148,21 +149,6 @@ def _read_small(path: Path, limit: int, what: str) -> bytes:
         return path.read_bytes()
     except OSError as exc:
         raise BundleError(f"cannot read {what}: {exc.strerror or exc}") from None
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _signature_bytes(signature: Mapping[str, str]) -> bytes:
@@ -337,9 +323,9 @@ def write_bundle(
             raise BundleError(f"refusing to write this manifest: {exc}") from None
         if canonical_bytes(reread) != data:
             raise BundleError("manifest does not survive a JSON round trip (NaN or infinite numbers?)")
-        _atomic_write(tmp / MANIFEST_NAME, data)
+        write_bytes_atomic(tmp / MANIFEST_NAME, data)
         if key is not None:
-            _atomic_write(tmp / SIGNATURE_NAME, _signature_bytes(sign_manifest(data, key)))
+            write_bytes_atomic(tmp / SIGNATURE_NAME, _signature_bytes(sign_manifest(data, key)))
         _install_dir(tmp, out_dir)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -370,7 +356,7 @@ def _sign_dir(root: Path, key: Any) -> None:
     _verify_dir(root, (), daemon_version=None, require_signature=False, check_signature=False)
     data = _read_small(root / MANIFEST_NAME, MAX_MANIFEST_BYTES, MANIFEST_NAME)
     try:
-        _atomic_write(root / SIGNATURE_NAME, _signature_bytes(sign_manifest(data, key)))
+        write_bytes_atomic(root / SIGNATURE_NAME, _signature_bytes(sign_manifest(data, key)))
     except OSError as exc:
         raise BundleError(f"cannot write the signature in {root}: {exc.strerror or exc}") from None
 
@@ -411,9 +397,9 @@ def refresh_files(
     manifest = old.model_copy(update={"files": entries})
     data = canonical_bytes(manifest)
     try:
-        _atomic_write(root / MANIFEST_NAME, data)
+        write_bytes_atomic(root / MANIFEST_NAME, data)
         if key is not None:
-            _atomic_write(root / SIGNATURE_NAME, _signature_bytes(sign_manifest(data, key)))
+            write_bytes_atomic(root / SIGNATURE_NAME, _signature_bytes(sign_manifest(data, key)))
         else:
             with contextlib.suppress(FileNotFoundError):
                 (root / SIGNATURE_NAME).unlink()
@@ -427,7 +413,7 @@ def refresh_files(
 
 def pack_tar(bundle_dir: Path, tar_path: Path) -> None:
     """A plain, reproducible tar of the folder's contents: sorted, regular files and folders only,
-    mtime 0, uid/gid 0, modes 0644/0755. Written atomically (temp file + rename)."""
+    mtime 0, uid/gid 0, modes 0644/0755. Written atomically and durably (``deploy.durable``)."""
     root = Path(bundle_dir)
     tar_path = Path(tar_path)
     if not root.is_dir():
@@ -445,9 +431,8 @@ def pack_tar(bundle_dir: Path, tar_path: Path) -> None:
         raise BundleError(f"the tar {tar_path} may not be inside the bundle folder {root}")
     entries = sorted([(d, None) for d in dirs] + [(f, files[f]) for f in files], key=lambda e: e[0])
     tar_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{tar_path.name}.tmp-", dir=tar_path.parent)
     try:
-        with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        with atomic_file(tar_path) as raw, tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             for name, src in entries:
                 info = tarfile.TarInfo(name)
                 info.mtime = 0
@@ -463,14 +448,8 @@ def pack_tar(bundle_dir: Path, tar_path: Path) -> None:
                     info.size = src.stat().st_size
                     with open(src, "rb") as f:
                         tar.addfile(info, f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, tar_path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise BundleError(f"cannot write {tar_path}: {exc.strerror or exc}") from None
-        raise
+    except OSError as exc:
+        raise BundleError(f"cannot write {tar_path}: {exc.strerror or exc}") from None
 
 
 def _member_kind(m: tarfile.TarInfo) -> str | None:

@@ -34,10 +34,8 @@ import contextlib
 import ctypes
 import ctypes.util
 import json
-import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -46,6 +44,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
+from deploy.durable import write_bytes_atomic
 from deploy.manifest import BundleError, FileEntry, Manifest, canonical_bytes, sha256_file
 from deploy.parity import ParityReport, check_parity, load_golden
 
@@ -436,20 +435,6 @@ def _utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def build_engine(
     onnx_path: Path,
     out_dir: Path,
@@ -537,8 +522,8 @@ def build_engine(
         built_at=_utc_now(),
     )
     plan_path = out_dir / f"{key}.plan"
-    _write_atomic(plan_path, bytes(memoryview(serialized)))
-    _write_atomic(plan_path.with_suffix(".json"), sidecar.to_json().encode("utf-8"))
+    write_bytes_atomic(plan_path, bytes(memoryview(serialized)))
+    write_bytes_atomic(plan_path.with_suffix(".json"), sidecar.to_json().encode("utf-8"))
     return plan_path, sidecar
 
 
@@ -734,7 +719,7 @@ def _update_manifest(bundle_dir: Path, manifest: Manifest, new_files: list[str],
     signature = bundle_dir / "signature"
     if signature.exists():
         signature.unlink()  # it covered the old manifest: unsigned-but-consistent beats signed-but-wrong
-    _write_atomic(bundle_dir / "manifest.json", canonical_bytes(updated))
+    write_bytes_atomic(bundle_dir / "manifest.json", canonical_bytes(updated))
     if sign_key is not None:
         from deploy.bundle import sign_bundle
 

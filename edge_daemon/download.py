@@ -46,6 +46,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from deploy.durable import fsync_dir
+
 __all__ = ["CHUNK_BYTES", "REASONS", "DownloadError", "DownloadResult", "ProgressFn", "fetch"]
 
 log = logging.getLogger(__name__)
@@ -297,12 +299,7 @@ class _Part:
             os.replace(self.path, dest)
         except OSError as exc:
             raise DownloadError("io", f"cannot move {self.path} to {dest}: {_os_error(exc)}") from None
-        with contextlib.suppress(OSError):  # not every file system can fsync a folder
-            dfd = os.open(dest.parent, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+        fsync_dir(dest.parent)
 
     def close(self) -> None:
         os.close(self.fd)  # also drops the lock

@@ -8,6 +8,7 @@ one of ``trusted_keys`` (DESIGN.md, "Security model"); ``allow_unsigned`` exists
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -16,8 +17,11 @@ from functools import cached_property
 from pathlib import Path
 
 from deploy.bundle import safe_extract, verify_bundle_details
+from deploy.durable import fsync_dir, fsync_tree
 from deploy.manifest import BundleError, Calibration, Manifest
 from deploy.preprocess import InputSpec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -69,18 +73,36 @@ def load_bundle(path: Path, trusted_keys: list[Path], state_dir: Path, *, allow_
     if path.is_dir():
         return LoadedBundle(path, verified.manifest, verified.manifest_sha256, verified.key_id)
     target = Path(state_dir) / "bundles" / verified.manifest_sha256
-    if not (target / "manifest.json").is_file():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    if (target / "manifest.json").is_file():
         try:
-            safe_extract(path, tmp / "bundle")
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(tmp / "bundle", target)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            cached = verify_bundle_details(target, trusted_keys, require_signature=not allow_unsigned)
+        except BundleError as exc:
+            # A power cut during an earlier unpack on an older version, a failing flash cell, a hand edit: the tar
+            # (just verified) is the source of truth, so unpack it again rather than refuse to start for ever.
+            log.warning("unpacked bundle %s is damaged (%s): unpacking %s again", target, exc, path)
+        else:
+            if cached.manifest_sha256 == verified.manifest_sha256:
+                return LoadedBundle(target, cached.manifest, cached.manifest_sha256, cached.key_id)
+            log.warning("unpacked bundle %s holds another manifest: unpacking %s again", target, path)
+    _unpack_durably(path, target)
     # Verify what is on disk now (the tar could have changed between the two reads).
     again = verify_bundle_details(target, trusted_keys, require_signature=not allow_unsigned)
     if again.manifest_sha256 != verified.manifest_sha256:
         raise BundleError(f"{path} changed while it was being unpacked")
     return LoadedBundle(target, again.manifest, again.manifest_sha256, again.key_id)
+
+
+def _unpack_durably(tar: Path, target: Path) -> None:
+    """Unpack ``tar`` to ``target`` (replacing whatever is there) so that after a power cut ``target`` is either
+    complete or absent: unpacked beside it, every file fsynced, renamed into place, the folder fsynced."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    try:
+        safe_extract(tar, tmp / "bundle")
+        fsync_tree(tmp / "bundle")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp / "bundle", target)
+        fsync_dir(target.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -36,7 +36,6 @@ import logging
 import os
 import queue
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +44,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from deploy.durable import write_bytes_atomic
 from deploy.manifest import BundleError
 from edge_daemon import __version__
 from edge_daemon.backends import Backend, BackendError
@@ -132,12 +132,7 @@ class Updater:
 
     def _save_state(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".state.", suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(self.state, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.state_path)
+        write_bytes_atomic(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode("utf-8"))
 
     def startup_bundle(self) -> Path:
         """The bundle the daemon must start on: the last active update, else the config's ``bundle``.

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.durable import write_bytes_atomic
 from deploy.manifest import sha256_file
 from trainer.datasets.folder import IMAGE_SUFFIXES, MANIFEST_NAME, FolderReport
 from trainer.errors import UserError
@@ -182,9 +183,7 @@ def write_verified(path: Path, data: bytes, sha256: str, what: str) -> Path:
     if got != sha256:
         raise UserError(f"{what} has sha256 {got}, expected {sha256}: not the pinned file")
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_bytes_atomic(path, data)
     return path
 
 

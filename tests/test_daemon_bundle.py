@@ -1,0 +1,62 @@
+"""edge_daemon.model.load_bundle on a real signed bundle tar: its unpacked copy is durable and self-healing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deploy.bundle import pack_tar
+from deploy.manifest import BundleError, sha256_file
+from edge_daemon.model import load_bundle
+from tests.conftest import SignedBundle
+
+
+@pytest.fixture()
+def bundle_tar(signed_bottle_bundle: SignedBundle, tmp_path: Path) -> Path:
+    tar = tmp_path / "bottle.tar"
+    pack_tar(signed_bottle_bundle.path, tar)
+    return tar
+
+
+def test_tar_is_unpacked_once_by_manifest_sha(
+    bundle_tar: Path, signed_bottle_bundle: SignedBundle, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    first = load_bundle(bundle_tar, [signed_bottle_bundle.public_key], state)
+    assert first.root == state / "bundles" / first.sha
+    inode = (first.root / "model.onnx").stat().st_ino
+    again = load_bundle(bundle_tar, [signed_bottle_bundle.public_key], state)
+    assert again.root == first.root and again.sha == first.sha
+    assert (again.root / "model.onnx").stat().st_ino == inode  # reused, not unpacked again
+    assert [p.name for p in (state / "bundles").iterdir()] == [first.sha]  # no .unpack-* left
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_unpacked_copy_is_unpacked_again(
+    bundle_tar: Path, signed_bottle_bundle: SignedBundle, tmp_path: Path, damage: str
+) -> None:
+    """A torn copy (a power cut on an older version, a failing flash cell) must not stop the daemon for good."""
+    state = tmp_path / "state"
+    first = load_bundle(bundle_tar, [signed_bottle_bundle.public_key], state)
+    onnx = first.root / "model.onnx"
+    expected = first.manifest.files["model.onnx"].sha256
+    if damage == "truncate":
+        onnx.write_bytes(b"")
+    else:
+        onnx.unlink()
+    healed = load_bundle(bundle_tar, [signed_bottle_bundle.public_key], state)
+    assert healed.root == first.root and healed.sha == first.sha
+    assert sha256_file(onnx) == expected
+    assert [p.name for p in (state / "bundles").iterdir()] == [first.sha]
+
+
+def test_damaged_bundle_folder_is_still_refused(signed_bottle_bundle: SignedBundle, tmp_path: Path) -> None:
+    """A folder is used in place: there is no tar to recover from, so damage is refused, naming the file."""
+    import shutil
+
+    folder = tmp_path / "bundle"
+    shutil.copytree(signed_bottle_bundle.path, folder)
+    (folder / "model.onnx").write_bytes(b"")
+    with pytest.raises(BundleError, match="model.onnx"):
+        load_bundle(folder, [signed_bottle_bundle.public_key], tmp_path / "state")
