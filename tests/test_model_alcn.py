@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 
 from deploy.preprocess import InputSpec
-from scripts import alcn_scores
+from scripts import score_variants
 from tests.model_helpers import assert_onnx_matches_eager, mnist_test_images
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
@@ -313,14 +313,14 @@ def test_trains_on_real_mnist_and_separates_the_easy_digit(trained_run: Path, mn
 
 
 def test_score_diagnostic_reproduces_the_trainers_auroc(trained_run: Path, mnist_easy: Path, tmp_path: Path) -> None:
-    """scripts/alcn_scores.py: its l1 column is the model's own score, so it equals the evaluation's AUROC."""
+    """scripts/score_variants.py: its l1 column is the model's own score, so it equals the evaluation's AUROC."""
     metrics = evaluate_run(trained_run, mnist_easy, device="cpu", console=Console(stderr=True, quiet=True))
-    found = alcn_scores.run_aurocs(trained_run, mnist_easy)
+    found = score_variants.run_aurocs(trained_run, mnist_easy)
     assert set(found) == {"l1", "l2", "ffl", "brightness"}
     assert found["l1"] == pytest.approx(metrics["auroc"], abs=1e-9)
     assert all(0 <= v <= 1 for v in found.values())
     out = subprocess.run(
-        [sys.executable, str(alcn_scores.__file__), str(tmp_path)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(score_variants.__file__), str(tmp_path)], capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 1 and out.stderr.startswith("error:") and "Traceback" not in out.stderr, out.stderr
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from deploy.preprocess import InputSpec
+from scripts import score_variants
 from tests.model_helpers import assert_onnx_matches_eager, mnist_test_images
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
@@ -304,6 +305,17 @@ def test_tiny_model_separates_the_easy_digit(trained_run: Path, mnist_easy: Path
     # threshold refuses. Other seeds at this tiny size are noisier (seeds 1, 2: 0.867, 0.534, both
     # picking epoch 1); at base_channels 32, 5 epochs, seed 2 gives 0.998 (0.962 with means).
     assert metrics["auroc"] >= 0.93, metrics
+
+
+def test_score_diagnostic_reproduces_the_trainers_auroc(trained_run: Path, mnist_easy: Path) -> None:
+    """scripts/score_variants.py: its dprime_g column is the model's own score, so it equals the evaluation's AUROC;
+    the other columns are real scores of the same trained nets (the generator alone separates digit 1 too)."""
+    metrics = evaluate_run(trained_run, mnist_easy, device="cpu")
+    found = score_variants.run_aurocs(trained_run, mnist_easy)
+    assert set(found) == {"dprime_g", "g", "dprime", "g_vs_dprime", "centre", "latent", "d_fake", "brightness"}
+    assert found["dprime_g"] == pytest.approx(metrics["auroc"], abs=1e-9)
+    assert all(0 <= v <= 1 for v in found.values())
+    assert found["g"] >= 0.9, found  # G reconstructs 1s; other digits (more ink) worse
 
 
 def test_onnx_export_matches_eager_on_real_images(trained_run: Path, mnist_easy: Path, tmp_path: Path) -> None:

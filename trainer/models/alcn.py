@@ -74,7 +74,7 @@ Choices the paper leaves open ("paper: ...; ours: ..."):
   ``score="l1"``), map |x - G_denoise(x)|. ``score="l2"``: the mean squared error and its map, the
   pixel-space form of the training loss without its focal weights (with norm='ortho' the FFT is
   unitary, so sum |F(a) - F(b)|^2 = sum |a - b|^2) and the ``ae`` baseline's score. Found with a
-  diagnostic on the MNIST test split (scripts/alcn_scores.py), where it gains 0.08; ELPV, measured
+  diagnostic on the MNIST test split (scripts/score_variants.py), where it gains 0.08; ELPV, measured
   after that, gains nothing (-0.00 mono, -0.02 poly), so l1 stays the default (docs/benchmarks.md).
 - paper: model selection not stated; ours: ``validation_loss`` = the anomaly score itself (as
   ``score`` and ``input_norm`` define it) per held-out normal image. It does not depend on G_noise (whose adversarial
