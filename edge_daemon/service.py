@@ -127,7 +127,11 @@ class Daemon:
         try:
             bundle = load_bundle(path, cfg.trusted_keys, cfg.state_dir, allow_unsigned=cfg.allow_unsigned)
         except BundleError as exc:
-            raise StartupError(f"bundle {path} refused: {exc}", 2) from None
+            # A damaged active update must not keep the line dark: start on the config's bundle instead.
+            fallback = self.updater.startup_refused(path, str(exc)) if self.updater is not None else None
+            if fallback is None:
+                raise StartupError(f"bundle {path} refused: {exc}", 2) from None
+            return self._start_model(fallback)
         try:
             backend, self.build = select_backend(
                 bundle,

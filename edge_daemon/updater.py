@@ -24,8 +24,9 @@ model = the model serving now, target = the requested version and sha256, progre
 
 Everything the updater knows is in ``<state_dir>/updates/state.json`` (written atomically), so a daemon killed in
 any phase starts again on the last active model: an interrupted request is reported as refused (before the
-switch) or rolled_back (during probation). A request_id seen before is answered with its recorded outcome and
-nothing else happens.
+switch) or rolled_back (during probation). An active update that is refused at start (a file no longer matches
+its hash) is skipped for the config's bundle, reported as rolled_back (``startup_refused``). A request_id seen before
+is answered with its recorded outcome and nothing else happens.
 """
 
 from __future__ import annotations
@@ -162,6 +163,28 @@ class Updater:
             return Path(active["path"])
         if active:
             log.error("the active update %s is gone from disk: starting on the config's bundle", active["path"])
+        return Path(self.config.bundle)
+
+    def startup_refused(self, path: Path, reason: str) -> Path | None:
+        """``path`` (from ``startup_bundle``) was refused at start because of the bundle itself (``reason``: a file
+        that fails its hash, a signature no longer trusted). When it was the active update, return the config's
+        ``bundle`` to start on instead, as when the update is gone from disk, and record why, so that ``start``
+        publishes it on P/model/state (phase ``rolled_back``). None when ``path`` is not the active update (nothing
+        else to try: the daemon must not serve what nobody configured).
+
+        The state keeps the update as active: the next start tries it again and falls back again, with the same
+        message, until a new update replaces it. Nothing is deleted (the files are the evidence).
+        """
+        active = self.state.get("active")
+        if not active or Path(active["path"]) != Path(path) or Path(self.config.bundle) == Path(path):
+            return None
+        why = (
+            f"the active update {active.get('version')} (sha {str(active.get('sha'))[:12]}) cannot serve: {reason}; "
+            "back on the config's bundle"
+        )
+        log.error("%s", why)
+        self.state["last"] = {"request_id": None, "phase": "rolled_back", "reason": why, "target": None}
+        self._save_state()
         return Path(self.config.bundle)
 
     def start(self) -> None:

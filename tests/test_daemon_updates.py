@@ -336,3 +336,29 @@ def test_edge_deploy_push_to_the_real_daemon(
     assert [p for p in dict.fromkeys(result.phases)][-2:] == ["probation", "active"]
     assert sum(report.bytes_served.values()) >= tar.stat().st_size  # the device downloaded it from the pusher
     device.keeps_scoring()
+
+
+def test_a_damaged_active_update_falls_back_to_the_configs_bundle(
+    device: Device, v2: Path, tmp_path: Path, signed_bottle_bundle: SignedBundle
+) -> None:
+    """A file of the active update that no longer matches its hash (flash wear, a hand edit) must not keep the daemon
+    from starting: it starts on the config's bundle and says why on the retained model state."""
+    b = signed_bottle_bundle
+    old_sha = verify_bundle_details(b.path, [b.public_key]).manifest_sha256
+    tar, sha = tar_of(v2, tmp_path / "v2.tar")
+    version = parse_manifest((v2 / "manifest.json").read_bytes()).model["version"]
+    assert device.final(device.push(tar.as_uri(), sha, version))["phase"] == "active"
+    assert device.daemon.terminate(30) == 0
+    active = json.loads((tmp_path / "state" / "updates" / "state.json").read_text())["active"]
+    (Path(active["path"]) / "model.onnx").write_bytes(b"")
+    device.start()
+    wait_until(lambda: device.states()[-1]["phase"] == "rolled_back", 30, "the fallback's model state")
+    state = device.states()[-1]
+    assert state["model"]["sha"] == old_sha and state["request_id"] is None, state
+    assert version in state["reason"] and "model.onnx" in state["reason"], state
+    device.keeps_scoring()
+    # the next start does the same (the update stays recorded as active until a new one replaces it)
+    assert device.daemon.terminate(30) == 0
+    device.start()
+    wait_until(lambda: device.daemon.text().count("back on the config's bundle") == 2, 30, "the second fallback")
+    device.keeps_scoring()
