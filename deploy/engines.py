@@ -36,7 +36,7 @@ import ctypes.util
 import json
 import re
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -422,6 +422,34 @@ def find_engine(bundle_dir: Path, cache_dir: Path | None, key: str) -> Path | No
         if plan.is_file() and not plan.is_symlink() and sidecar.is_file():
             return plan
     return None
+
+
+def prune_engine_cache(cache_dir: Path, keep_onnx_sha256: Iterable[str]) -> list[Path]:
+    """Delete the plans in ``cache_dir`` (and their sidecars) built from an ONNX file that none of
+    ``keep_onnx_sha256`` (full sha256 hex digests) names; return what was deleted, sorted.
+
+    The cache is keyed by the ONNX file's sha (``engine_key``), so without this every model a device ever
+    served leaves its engines behind (tens to hundreds of MB each, on a device's eMMC). Only files named
+    ``<engine key>.plan`` / ``<engine key>.json`` are considered; anything else in the folder (ONNX
+    Runtime's own cache, a build's temporary file) is left alone. A missing folder is an empty cache.
+    """
+    keep = {sha[:16] for sha in keep_onnx_sha256}
+    folder = Path(cache_dir)
+    if not folder.is_dir():
+        return []
+    removed: list[Path] = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix not in (".plan", ".json") or not path.is_file():
+            continue
+        try:
+            sha16 = parse_engine_key(path.stem)["sha16"]
+        except ValueError:
+            continue
+        if sha16 not in keep:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 # -------------------------------------------------------------------------------------------- build
@@ -838,6 +866,7 @@ __all__ = [
     "find_engine",
     "iter_engines",
     "parse_engine_key",
+    "prune_engine_cache",
     "probe_device",
     "read_l4t_release",
     "read_sidecar",

@@ -46,7 +46,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from deploy.durable import write_bytes_atomic
-from deploy.manifest import BundleError
+from deploy.engines import prune_engine_cache
+from deploy.manifest import BundleError, parse_manifest
 from edge_daemon import __version__
 from edge_daemon.backends import Backend, BackendError
 from edge_daemon.commands import CommandError, ModelRollback, ModelSet, parse_command, request_id_of
@@ -399,6 +400,7 @@ class Updater:
         self._save_state()
         for old in dropped:
             self._delete_bundle(old)
+        self._prune_engine_cache()
         log.info("update %s: %s %s is active", p["request_id"], bundle.name, bundle.version)
 
     def _roll_back(self, p: dict[str, Any], reason: str) -> None:
@@ -414,6 +416,7 @@ class Updater:
         self._remember(p["request_id"], "rolled_back", reason, p["target"])
         self._save_state()
         self._delete_bundle(_entry(p["bundle"]))
+        self._prune_engine_cache()
         log.warning("update %s rolled back: %s", p["request_id"], reason)
 
     # ------------------------------------------------------------------ model/rollback
@@ -512,6 +515,32 @@ class Updater:
         path = Path(entry["path"]).resolve()
         if self.root.resolve() in path.parents and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+
+    def _prune_engine_cache(self) -> None:
+        """Delete cached TensorRT engines of models no longer on disk (``deploy.engines.prune_engine_cache``).
+
+        Kept: the engines of every bundle under ``<state_dir>/bundles`` and ``<state_dir>/updates/unpacked/bundles``
+        (the config's bundle unpacked, the active update, the ``updates.keep`` previous ones) and of the config's
+        bundle when it is a folder. A manifest that cannot be read stops the pruning (its engines cannot be told
+        apart), with a warning.
+        """
+        state_dir = Path(self.config.state_dir)
+        folders = [*(state_dir / "bundles").glob("*"), *(self.root / "unpacked" / "bundles").glob("*")]
+        if Path(self.config.bundle).is_dir():
+            folders.append(Path(self.config.bundle))
+        keep: set[str] = set()
+        for folder in folders:
+            manifest = folder / "manifest.json"
+            if not manifest.is_file():
+                continue  # a half-unpacked ``.unpack-*`` folder, not a bundle
+            try:
+                keep.add(parse_manifest(manifest.read_bytes()).files["model.onnx"].sha256)
+            except (OSError, BundleError, KeyError) as exc:
+                log.warning("engine cache not pruned: cannot read the onnx sha of %s (%s)", folder, exc)
+                return
+        removed = prune_engine_cache(state_dir / "engines", keep)
+        if removed:
+            log.info("engine cache: removed %s (models no longer kept)", ", ".join(p.name for p in removed))
 
 
 def _entry(bundle: LoadedBundle) -> dict[str, Any]:

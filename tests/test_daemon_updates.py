@@ -138,9 +138,18 @@ def test_push_a_good_bundle(device: Device, v2: Path, tmp_path: Path, signed_bot
     new_sha = verify_bundle_details(v2, [signed_bottle_bundle.public_key]).manifest_sha256
     old_sha = verify_bundle_details(signed_bottle_bundle.path, [signed_bottle_bundle.public_key]).manifest_sha256
     version = parse_manifest((v2 / "manifest.json").read_bytes()).model["version"]
+    # The engine cache holds a plan of a model this device no longer has, and one of the serving model (file names
+    # are what the pruning reads; the ONNX Runtime backend never opens them).
+    v1_onnx = parse_manifest((signed_bottle_bundle.path / "manifest.json").read_bytes()).files["model.onnx"].sha256
+    cache = tmp_path / "state" / "engines"
+    cache.mkdir(parents=True, exist_ok=True)
+    stale, serving = f"{'e' * 16}-trt10.3.0-sm87-fp16-b8.plan", f"{v1_onnx[:16]}-trt10.3.0-sm87-fp16-b8.plan"
+    for name in (stale, serving):
+        (cache / name).write_bytes(b"plan")
     rid = device.push(tar.as_uri(), sha, version)
     final = device.final(rid)
     assert final["phase"] == "active", final
+    assert sorted(p.name for p in cache.glob("*.plan")) == [serving]  # the stale model's engine is gone
     phases = [s["phase"] for s in device.states(rid)]
     expected = ["downloading", "verifying", "building", "validating", "probation", "active"]
     assert [p for p in dict.fromkeys(phases)] == expected, phases

@@ -26,6 +26,7 @@ from deploy.engines import (
     find_engine,
     parse_engine_key,
     probe_device,
+    prune_engine_cache,
     read_l4t_release,
     read_sidecar,
     sidecar_mismatch,
@@ -56,6 +57,24 @@ def _sidecar(**changes: object) -> EngineSidecar:
         built_at="2024-05-01T12:00:00Z",
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------------------------- cache
+
+
+def test_prune_engine_cache_keeps_only_the_named_models(tmp_path: Path) -> None:
+    other = "a" * 64
+    kept = [f"{KEY}.plan", f"{KEY}.json", f"{SHA[:16]}-trt10.3.0-sm87-fp32-b1.plan"]
+    gone = [f"{other[:16]}-trt10.3.0-sm87-fp16-b8.plan", f"{other[:16]}-trt10.3.0-sm87-fp16-b8.json"]
+    strangers = ["notes.plan", "model.onnx", ".x.plan.123.tmp"]  # not engine keys: never touched
+    for name in kept + gone + strangers:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "ort-trt").mkdir()  # ONNX Runtime's own cache
+    removed = prune_engine_cache(tmp_path, [SHA])
+    assert [p.name for p in removed] == sorted(gone)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + strangers + ["ort-trt"])
+    assert prune_engine_cache(tmp_path / "absent", [SHA]) == []
+    assert len(prune_engine_cache(tmp_path, [])) == len(kept)  # nothing kept: every engine goes
 
 
 # ---------------------------------------------------------------------------------------------- keys
