@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,3 +72,34 @@ def fsync_tree(root: Path) -> None:
             finally:
                 os.close(fd)
         fsync_dir(Path(folder))
+
+
+def scratch_prefix(prefix: str) -> str:
+    """``<prefix><pid>-``: a name start for this process's scratch folders that ``remove_orphans`` understands."""
+    return f"{prefix}{os.getpid()}-"
+
+
+def remove_orphans(folder: Path, prefix: str) -> list[Path]:
+    """Remove the folders ``<prefix><pid>-*`` in ``folder`` (``scratch_prefix``) whose process is gone: what a
+    crash or a power cut in the middle of building something leaves behind. Return them.
+
+    A folder whose pid is alive (maybe a reused pid after a reboot) is kept: leaking one folder beats deleting
+    another process's work. A missing ``folder`` has no orphans.
+    """
+    if not Path(folder).is_dir():
+        return []
+    removed: list[Path] = []
+    for entry in sorted(Path(folder).iterdir()):
+        if not entry.name.startswith(prefix) or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid_text = entry.name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit():
+            continue
+        try:
+            os.kill(int(pid_text), 0)
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+        except PermissionError:
+            pass  # alive, another user's
+    return removed

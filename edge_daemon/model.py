@@ -17,11 +17,12 @@ from functools import cached_property
 from pathlib import Path
 
 from deploy.bundle import safe_extract, verify_bundle_details
-from deploy.durable import fsync_dir, fsync_tree
+from deploy.durable import fsync_dir, fsync_tree, remove_orphans, scratch_prefix
 from deploy.manifest import BundleError, Calibration, Manifest
 from deploy.preprocess import InputSpec
 
 log = logging.getLogger(__name__)
+_UNPACK_PREFIX = ".unpack-"
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,9 @@ def _unpack_durably(tar: Path, target: Path) -> None:
     """Unpack ``tar`` to ``target`` (replacing whatever is there) so that after a power cut ``target`` is either
     complete or absent: unpacked beside it, every file fsynced, renamed into place, the folder fsynced."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unpack-", dir=target.parent))
+    for orphan in remove_orphans(target.parent, _UNPACK_PREFIX):
+        log.info("removed %s, a half-done unpack left by a crash or power cut", orphan)
+    tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix(_UNPACK_PREFIX), dir=target.parent))
     try:
         safe_extract(tar, tmp / "bundle")
         fsync_tree(tmp / "bundle")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,20 @@ def test_damaged_bundle_folder_is_still_refused(signed_bottle_bundle: SignedBund
     (folder / "model.onnx").write_bytes(b"")
     with pytest.raises(BundleError, match="model.onnx"):
         load_bundle(folder, [signed_bottle_bundle.public_key], tmp_path / "state")
+
+
+def test_half_done_unpacks_of_dead_processes_are_removed(
+    bundle_tar: Path, signed_bottle_bundle: SignedBundle, tmp_path: Path
+) -> None:
+    """A power cut mid-unpack leaves a ``.unpack-<pid>-*`` folder (as big as a bundle); the next unpack removes it,
+    but never one whose process is alive."""
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(ended.stdout)
+    bundles = tmp_path / "state" / "bundles"
+    orphan = bundles / f".unpack-{dead_pid}-k2j4/bundle"
+    orphan.mkdir(parents=True)
+    (orphan / "model.onnx").write_bytes(b"half")
+    alive = bundles / f".unpack-{os.getpid()}-busy"
+    alive.mkdir()
+    loaded = load_bundle(bundle_tar, [signed_bottle_bundle.public_key], tmp_path / "state")
+    assert sorted(p.name for p in bundles.iterdir()) == sorted([alive.name, loaded.sha])

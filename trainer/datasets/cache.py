@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from deploy.durable import write_bytes_atomic
+from deploy.durable import remove_orphans, scratch_prefix, write_bytes_atomic
 from deploy.manifest import sha256_file
 from trainer.datasets.folder import IMAGE_SUFFIXES, MANIFEST_NAME, FolderReport
 from trainer.errors import UserError
@@ -265,25 +265,6 @@ def existing_dataset(out: Path, name: str, parameters: Mapping[str, Any]) -> Pre
     return PrepareReport(name=name, out=out, counts=dict(recorded), cached=True, notes=notes)
 
 
-def _remove_stale_tmp(out: Path) -> None:
-    """Remove ``OUT.tmp-<pid>-*`` folders left by runs whose process is gone."""
-    if not out.parent.is_dir():
-        return
-    prefix = f"{out.name}{_TMP_MARK}"
-    for entry in out.parent.iterdir():
-        if not entry.name.startswith(prefix) or not entry.is_dir():
-            continue
-        pid_text = entry.name[len(prefix) :].split("-", 1)[0]
-        if not pid_text.isdigit():
-            continue
-        try:
-            os.kill(int(pid_text), 0)
-        except ProcessLookupError:
-            shutil.rmtree(entry, ignore_errors=True)
-        except PermissionError:
-            pass  # alive, another user's
-
-
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """Yield a fresh folder beside ``out`` to build the dataset in; on normal exit it replaces
@@ -291,8 +272,8 @@ def staging(out: Path) -> Iterator[Path]:
     ``existing_dataset``); on an exception it is deleted and ``out`` is left as it was."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_tmp(out)
-        tmp = out.parent / f"{out.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}"
+        remove_orphans(out.parent, f"{out.name}{_TMP_MARK}")
+        tmp = out.parent / (scratch_prefix(f"{out.name}{_TMP_MARK}") + secrets.token_hex(4))
         tmp.mkdir()
     except OSError as exc:
         raise UserError(f"cannot write beside --out {out}: {exc.strerror or exc}") from None
