@@ -7,10 +7,12 @@ Transport (decided): the pushing host serves the bundle itself over HTTP, and th
 its URL and sha256. The broker carries the plant's alarms: a 200 MB bundle pushed through it in chunks would
 delay anomaly events and fill broker queues (and every device's session queue), for every device of a fleet.
 HTTP is resumable (``Range`` requests: a device whose download broke continues where it stopped), cacheable
-(the URL names the content: ``/<sha256>.tar`` never changes meaning), and lets a plant use its own artifact
+(the URL names the content: ``/<token>/<sha256>.tar`` never changes meaning), and lets a plant use its own artifact
 server instead (``url=`` / ``--url``: an http(s):// or file:// URL where the same .tar already is). The device
 checks the sha256 and the signature against its own trusted keys, so neither the broker, nor the HTTP server,
-nor this tool decides what runs.
+nor this tool decides what runs. ``<token>`` is 128 random bits drawn per server: the URL is a capability that
+only the command's readers (the devices, through the broker's own access control) learn, so another host on
+the plant network cannot copy the model while a push serves it, and a guessed ``/<sha256>.tar`` gets a 404.
 
 What ``push`` does:
 
@@ -46,6 +48,7 @@ import hashlib
 import http.server
 import json
 import re
+import secrets
 import socket
 import tempfile
 import threading
@@ -320,7 +323,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
 
 class BundleServer:
-    """One file served over HTTP at ``/<sha256>.tar`` on a daemon thread (GET with one Range -> 206, HEAD,
+    """One file served over HTTP at ``/<token>/<sha256>.tar`` on a daemon thread (GET with one Range -> 206, HEAD,
     404 for any other path, 416 for a malformed, multiple or unsatisfiable range)."""
 
     def __init__(self, server: _Server, sha256: str) -> None:
@@ -346,7 +349,7 @@ class BundleServer:
         return self._server.route
 
     def url(self, host: str | None = None) -> str:
-        """The URL devices fetch: ``http://HOST:PORT/<sha256>.tar``; ``host`` None -> the bound address
+        """The URL devices fetch: ``http://HOST:PORT/<token>/<sha256>.tar``; ``host`` None -> the bound address
         (127.0.0.1 when bound to every interface)."""
         if host is None:
             host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
@@ -377,9 +380,9 @@ class BundleServer:
 
 
 def serve_file(path: Path, bind: str = "0.0.0.0:0", *, sha256: str | None = None) -> BundleServer:
-    """Serve ``path`` at ``/<sha256>.tar`` on ``bind`` ("HOST:PORT"; port 0 = any free port), in a daemon
-    thread, until ``.stop()``. ``sha256`` saves hashing the file again. PushError (code 2) for a missing file or
-    a bind that fails."""
+    """Serve ``path`` at ``/<token>/<sha256>.tar`` (a fresh random token: module docstring) on ``bind``
+    ("HOST:PORT"; port 0 = any free port), in a daemon thread, until ``.stop()``. ``sha256`` saves hashing the
+    file again. PushError (code 2) for a missing file or a bind that fails."""
     path = Path(path)
     host, port = _split_hostport(bind, "--serve", None)
     try:
@@ -395,7 +398,7 @@ def serve_file(path: Path, bind: str = "0.0.0.0:0", *, sha256: str | None = None
     except OSError as exc:
         raise PushError(f"cannot serve the bundle on {bind}: {exc.strerror or exc}") from None
     server.file_path = path
-    server.route = f"/{sha256}.tar"
+    server.route = f"/{secrets.token_urlsafe(16)}/{sha256}.tar"
     server.size = size
     server.etag = f'"{sha256}"'
     server.counts = {}

@@ -211,7 +211,10 @@ def test_serve_file_get_range_head_404_416(tmp_path: Path) -> None:
     sha = hashlib.sha256(data).hexdigest()
     with serve_file(path, "127.0.0.1:0") as server:
         url = server.url("127.0.0.1")
-        assert url == f"http://127.0.0.1:{server.port}/{sha}.tar"
+        token = url.split("/")[3]
+        assert url == f"http://127.0.0.1:{server.port}/{token}/{sha}.tar" and len(token) >= 22  # >= 128 bits
+        with serve_file(path, "127.0.0.1:0") as another:
+            assert another.url("127.0.0.1").split("/")[3] != token  # drawn per server
 
         with urllib.request.urlopen(url, timeout=10) as r:
             assert r.status == 200 and r.read() == data
@@ -230,7 +233,8 @@ def test_serve_file_get_range_head_404_416(tmp_path: Path) -> None:
             assert r.status == 200 and r.read() == b""
             assert int(r.headers["Content-Length"]) == len(data)
 
-        for bad_path in (f"http://127.0.0.1:{server.port}/other.tar", f"http://127.0.0.1:{server.port}/"):
+        base = f"http://127.0.0.1:{server.port}"
+        for bad_path in (f"{base}/other.tar", f"{base}/", f"{base}/{sha}.tar", f"{base}/{token}/other.tar"):
             with pytest.raises(urllib.error.HTTPError) as err:
                 urllib.request.urlopen(bad_path, timeout=10)
             assert err.value.code == 404
