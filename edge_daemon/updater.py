@@ -393,6 +393,10 @@ class Updater:
         history.insert(0, _entry(previous))
         dropped = history[self.config.updates.keep :]
         self.state["history"] = history[: self.config.updates.keep]
+        replaced = self.state.get("active")
+        kept = {bundle.sha, *(h["sha"] for h in self.state["history"])}
+        if replaced and replaced["sha"] not in kept:
+            dropped.append(replaced)  # the active update the daemon fell back from at start (startup_refused)
         self.state["active"] = _entry(bundle)
         self.state["pending"] = None
         self._probation = None

@@ -49,6 +49,17 @@ def v2(signed_bottle_bundle: SignedBundle, tmp_path_factory: pytest.TempPathFact
     return root / "bundle"
 
 
+@pytest.fixture(scope="module")
+def v3(v2: Path, signed_bottle_bundle: SignedBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A third signed bundle of the same run, newer than ``v2``."""
+    from trainer.export import export_run
+
+    root = tmp_path_factory.mktemp("v3")
+    time.sleep(1.1)
+    export_run(signed_bottle_bundle.path.parent / "run", root / "bundle", sign_key=signed_bottle_bundle.private_key)
+    return root / "bundle"
+
+
 def edited(bundle: Path, out: Path, edit: Callable[[dict[str, Any]], None], key: Path | None) -> Path:
     """A copy of ``bundle`` with its manifest edited by ``edit`` and signed with ``key`` (unsigned when None)."""
     shutil.copytree(bundle, out)
@@ -348,7 +359,7 @@ def test_edge_deploy_push_to_the_real_daemon(
 
 
 def test_a_damaged_active_update_falls_back_to_the_configs_bundle(
-    device: Device, v2: Path, tmp_path: Path, signed_bottle_bundle: SignedBundle
+    device: Device, v2: Path, v3: Path, tmp_path: Path, signed_bottle_bundle: SignedBundle
 ) -> None:
     """A file of the active update that no longer matches its hash (flash wear, a hand edit) must not keep the daemon
     from starting: it starts on the config's bundle and says why on the retained model state."""
@@ -370,4 +381,10 @@ def test_a_damaged_active_update_falls_back_to_the_configs_bundle(
     assert device.daemon.terminate(30) == 0
     device.start()
     wait_until(lambda: device.daemon.text().count("back on the config's bundle") == 2, 30, "the second fallback")
+    device.keeps_scoring()
+    # a new update replaces it, and the damaged folder is deleted with it
+    v3_tar, v3_sha = tar_of(v3, tmp_path / "v3.tar")
+    v3_version = parse_manifest((v3 / "manifest.json").read_bytes()).model["version"]
+    assert device.final(device.push(v3_tar.as_uri(), v3_sha, v3_version))["phase"] == "active"
+    assert not Path(active["path"]).exists()
     device.keeps_scoring()
