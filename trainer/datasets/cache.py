@@ -273,7 +273,8 @@ def staging(out: Path) -> Iterator[Path]:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_orphans(out.parent, f"{out.name}{_TMP_MARK}")
-        tmp = out.parent / (scratch_prefix(f"{out.name}{_TMP_MARK}") + secrets.token_hex(4))
+        mine = scratch_prefix(f"{out.name}{_TMP_MARK}")
+        tmp = out.parent / (mine + secrets.token_hex(4))
         tmp.mkdir()
     except OSError as exc:
         raise UserError(f"cannot write beside --out {out}: {exc.strerror or exc}") from None
@@ -281,7 +282,7 @@ def staging(out: Path) -> Iterator[Path]:
         yield tmp
         old: Path | None = None
         if out.exists():
-            old = out.parent / f"{out.name}{_TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}-old"
+            old = out.parent / f"{mine}{secrets.token_hex(4)}-old"
             os.rename(out, old)
         os.rename(tmp, out)
         if old is not None:
