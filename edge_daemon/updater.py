@@ -25,7 +25,8 @@ model = the model serving now, target = the requested version and sha256, progre
 Everything the updater knows is in ``<state_dir>/updates/state.json`` (written atomically), so a daemon killed in
 any phase starts again on the last active model: an interrupted request is reported as refused (before the
 switch) or rolled_back (during probation). An active update that is refused at start (a file no longer matches
-its hash) is skipped for the config's bundle, reported as rolled_back (``startup_refused``). A request_id seen before
+its hash) is skipped for the previous model kept for rollback (or, failing those, the config's bundle), reported as
+rolled_back (``startup_refused``). A request_id seen before
 is answered with its recorded outcome and nothing else happens.
 """
 
@@ -106,6 +107,7 @@ class Updater:
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=16)
         self._lock = threading.RLock()
         self._probation: dict[str, Any] | None = None  # {"bundle", "previous", "since", "baseline": Probe}
+        self._startup_failures: list[str] = []  # why each model tried at start was refused (startup_refused)
         self._thread = threading.Thread(target=self._work, name="updater", daemon=True)
         self._load_state()
 
@@ -137,7 +139,8 @@ class Updater:
         write_bytes_atomic(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode("utf-8"))
 
     def startup_bundle(self) -> Path:
-        """The bundle the daemon must start on: the last active update, else the config's ``bundle``.
+        """The bundle the daemon must start on: the last active update, else the config's ``bundle``. An active update
+        whose folder is gone from disk is skipped as ``startup_refused`` describes.
 
         A request that was interrupted by a restart is closed here: refused before the switch, rolled back during
         probation (the daemon comes back on the last active model either way). Call once, before serving.
@@ -160,33 +163,51 @@ class Updater:
             self.state["pending"] = None
             self._save_state()
         active = self.state.get("active")
-        if active and Path(active["path"]).exists():
-            return Path(active["path"])
-        if active:
-            log.error("the active update %s is gone from disk: starting on the config's bundle", active["path"])
-        return Path(self.config.bundle)
+        if not active:
+            return Path(self.config.bundle)
+        if not Path(active["path"]).exists():
+            fallback = self.startup_refused(Path(active["path"]), f"its folder {active['path']} is gone from disk")
+            return fallback if fallback is not None else Path(self.config.bundle)
+        return Path(active["path"])
 
     def startup_refused(self, path: Path, reason: str) -> Path | None:
-        """``path`` (from ``startup_bundle``) was refused at start because of the bundle itself (``reason``: a file
-        that fails its hash, a signature no longer trusted). When it was the active update, return the config's
-        ``bundle`` to start on instead, as when the update is gone from disk, and record why, so that ``start``
-        publishes it on P/model/state (phase ``rolled_back``). None when ``path`` is not the active update (nothing
-        else to try: the daemon must not serve what nobody configured).
+        """``path`` (from ``startup_bundle``, or from an earlier call of this) was refused at start because of the
+        bundle itself (``reason``: a file that fails its hash, a signature no longer trusted). Return the next model
+        to try, or None when there is nothing else to try (the daemon must not serve what nobody configured).
+
+        The order is the one ``model/rollback`` would take: the active update, then the previous models kept for
+        rollback (``updates.keep``, newest first, those still on disk), then the config's ``bundle``. The first
+        refusal and every later one are recorded, so that ``start`` publishes them on P/model/state (phase
+        ``rolled_back``).
 
         The state keeps the update as active: the next start tries it again and falls back again, with the same
         message, until a new update replaces it. Nothing is deleted (the files are the evidence).
         """
         active = self.state.get("active")
-        if not active or Path(active["path"]) != Path(path) or Path(self.config.bundle) == Path(path):
+        config_bundle = Path(self.config.bundle)
+        if not active or Path(path) == config_bundle:
             return None
-        why = (
-            f"the active update {active.get('version')} (sha {str(active.get('sha'))[:12]}) cannot serve: {reason}; "
-            "back on the config's bundle"
+        entries = [active, *self.state["history"]]
+        paths = [Path(e["path"]) for e in entries]
+        if Path(path) not in paths:
+            return None
+        i = paths.index(Path(path))
+        label = "the active update" if i == 0 else "the previous model"
+        self._startup_failures.append(
+            f"{label} {entries[i].get('version')} (sha {str(entries[i].get('sha'))[:12]}) cannot serve: {reason}"
         )
+        nxt = next((j for j in range(i + 1, len(entries)) if paths[j].exists()), None)
+        if nxt is None:
+            target = "back on the config's bundle"
+        else:
+            target = (
+                f"back on the previous model {entries[nxt].get('version')} (sha {str(entries[nxt].get('sha'))[:12]})"
+            )
+        why = "; ".join([*self._startup_failures, target])
         log.error("%s", why)
         self.state["last"] = {"request_id": None, "phase": "rolled_back", "reason": why, "target": None}
         self._save_state()
-        return Path(self.config.bundle)
+        return config_bundle if nxt is None else paths[nxt]
 
     def start(self) -> None:
         """Start the worker thread and publish the retained state (the interrupted request's outcome, if any)."""
@@ -458,12 +479,18 @@ class Updater:
                 return
             current = self.host.serving_bundle()
             self.host.switch(backends, previous)
+            replaced = self.state.get("active")
             self.state["history"] = self.state["history"][1:]
             self.state["active"] = entry
             self._remember(
                 rid, "rolled_back", f"rollback requested: back to {previous.version} from {current.version}", None
             )
             self._save_state()
+            # Nothing rolls forward (a new model/set does): the update left behind is deleted, like one that is
+            # rolled back during probation, or disk would grow with every rollback.
+            if replaced and replaced["sha"] not in {entry["sha"], *(h["sha"] for h in self.state["history"])}:
+                self._delete_bundle(replaced)
+            self._prune_engine_cache()
 
     # ------------------------------------------------------------------ bookkeeping
 

@@ -60,6 +60,17 @@ def v3(v2: Path, signed_bottle_bundle: SignedBundle, tmp_path_factory: pytest.Te
     return root / "bundle"
 
 
+@pytest.fixture(scope="module")
+def v4(v3: Path, signed_bottle_bundle: SignedBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A fourth signed bundle of the same run, newer than ``v3``."""
+    from trainer.export import export_run
+
+    root = tmp_path_factory.mktemp("v4")
+    time.sleep(1.1)
+    export_run(signed_bottle_bundle.path.parent / "run", root / "bundle", sign_key=signed_bottle_bundle.private_key)
+    return root / "bundle"
+
+
 def edited(bundle: Path, out: Path, edit: Callable[[dict[str, Any]], None], key: Path | None) -> Path:
     """A copy of ``bundle`` with its manifest edited by ``edit`` and signed with ``key`` (unsigned when None)."""
     shutil.copytree(bundle, out)
@@ -183,10 +194,14 @@ def test_push_a_good_bundle(device: Device, v2: Path, tmp_path: Path, signed_bot
     wait_until(lambda: device.daemon.text().count("ready:") == 2, 30, "the restarted daemon")
     restarted = device.daemon.text().rsplit("final: ", 1)[1]
     assert f"sha {new_sha[:12]}" in restarted
-    # and model/rollback goes back to the first model on purpose
+    # and model/rollback goes back to the first model on purpose; the update it leaves is deleted (it is in no
+    # history: nothing can roll forward to it), and so is its engine
+    updated = Path(json.loads((tmp_path / "state" / "updates" / "state.json").read_text())["active"]["path"])
+    assert updated.is_dir()
     publish(device.broker.port, f"{PREFIX}/model/rollback", b'{"request_id": "rb1"}')
     rolled = device.final("rb1")
     assert rolled["phase"] == "rolled_back" and rolled["model"]["sha"] == old_sha, rolled
+    assert not updated.exists()
     device.keeps_scoring()
 
 
@@ -358,33 +373,51 @@ def test_edge_deploy_push_to_the_real_daemon(
     device.keeps_scoring()
 
 
-def test_a_damaged_active_update_falls_back_to_the_configs_bundle(
-    device: Device, v2: Path, v3: Path, tmp_path: Path, signed_bottle_bundle: SignedBundle
+def test_a_damaged_active_update_falls_back_to_the_previous_model(
+    device: Device, v2: Path, v3: Path, v4: Path, tmp_path: Path, signed_bottle_bundle: SignedBundle
 ) -> None:
     """A file of the active update that no longer matches its hash (flash wear, a hand edit) must not keep the daemon
-    from starting: it starts on the config's bundle and says why on the retained model state."""
+    from starting: it starts on the previous model kept for rollback (the newest that still verifies) and says why
+    on the retained model state."""
     b = signed_bottle_bundle
     old_sha = verify_bundle_details(b.path, [b.public_key]).manifest_sha256
-    tar, sha = tar_of(v2, tmp_path / "v2.tar")
-    version = parse_manifest((v2 / "manifest.json").read_bytes()).model["version"]
-    assert device.final(device.push(tar.as_uri(), sha, version))["phase"] == "active"
+    versions: dict[Path, str] = {}
+    for bundle in (v2, v3):
+        tar, sha = tar_of(bundle, tmp_path / f"{bundle.parent.name}.tar")
+        versions[bundle] = parse_manifest((bundle / "manifest.json").read_bytes()).model["version"]
+        assert device.final(device.push(tar.as_uri(), sha, versions[bundle]))["phase"] == "active"
     assert device.daemon.terminate(30) == 0
-    active = json.loads((tmp_path / "state" / "updates" / "state.json").read_text())["active"]
-    (Path(active["path"]) / "model.onnx").write_bytes(b"")
+    state = json.loads((tmp_path / "state" / "updates" / "state.json").read_text())
+    active, previous = Path(state["active"]["path"]), Path(state["history"][0]["path"])
+    v3_sha, v2_sha = state["active"]["sha"], state["history"][0]["sha"]
+    (active / "model.onnx").write_bytes(b"")
     device.start()
     wait_until(lambda: device.states()[-1]["phase"] == "rolled_back", 30, "the fallback's model state")
     state = device.states()[-1]
-    assert state["model"]["sha"] == old_sha and state["request_id"] is None, state
-    assert version in state["reason"] and "model.onnx" in state["reason"], state
+    assert state["model"]["sha"] == v2_sha and state["request_id"] is None, state
+    assert f"{versions[v3]} (sha {v3_sha[:12]}) cannot serve" in state["reason"], state
+    assert "model.onnx" in state["reason"], state
+    assert state["reason"].endswith(f"back on the previous model {versions[v2]} (sha {v2_sha[:12]})"), state
+    device.keeps_scoring()
+    # the previous model damaged too: the one before it (here the config's bundle, unpacked), and both reasons
+    assert device.daemon.terminate(30) == 0
+    (previous / "model.onnx").write_bytes(b"")
+    device.start()
+    both = f"the previous model {versions[v2]} (sha {v2_sha[:12]}) cannot serve"
+    wait_until(lambda: both in device.states()[-1]["reason"], 30, "the second fallback")
+    state = device.states()[-1]
+    assert state["phase"] == "rolled_back" and state["model"]["sha"] == old_sha, state
+    assert f"(sha {v3_sha[:12]}) cannot serve" in state["reason"], state
+    assert state["reason"].endswith(f"(sha {old_sha[:12]})"), state
     device.keeps_scoring()
     # the next start does the same (the update stays recorded as active until a new one replaces it)
     assert device.daemon.terminate(30) == 0
     device.start()
-    wait_until(lambda: device.daemon.text().count("back on the config's bundle") == 2, 30, "the second fallback")
+    wait_until(lambda: device.daemon.text().count(both) == 2, 30, "the third fallback")
     device.keeps_scoring()
-    # a new update replaces it, and the damaged folder is deleted with it
-    v3_tar, v3_sha = tar_of(v3, tmp_path / "v3.tar")
-    v3_version = parse_manifest((v3 / "manifest.json").read_bytes()).model["version"]
-    assert device.final(device.push(v3_tar.as_uri(), v3_sha, v3_version))["phase"] == "active"
-    assert not Path(active["path"]).exists()
+    # a new update replaces it, and the damaged active folder is deleted with it
+    v4_tar, v4_sha = tar_of(v4, tmp_path / "v4.tar")
+    v4_version = parse_manifest((v4 / "manifest.json").read_bytes()).model["version"]
+    assert device.final(device.push(v4_tar.as_uri(), v4_sha, v4_version))["phase"] == "active"
+    assert not active.exists()
     device.keeps_scoring()
