@@ -216,6 +216,7 @@ class Updater:
             self._publish(last["request_id"], last["phase"], last["reason"], last.get("target"))
         else:
             self._publish(None, "active", None, None)
+        self._prune_disk()
         self._thread.start()
 
     # ------------------------------------------------------------------ commands (MQTT thread)
@@ -425,7 +426,7 @@ class Updater:
         self._save_state()
         for old in dropped:
             self._delete_bundle(old)
-        self._prune_engine_cache()
+        self._prune_disk()
         log.info("update %s: %s %s is active", p["request_id"], bundle.name, bundle.version)
 
     def _roll_back(self, p: dict[str, Any], reason: str) -> None:
@@ -441,7 +442,7 @@ class Updater:
         self._remember(p["request_id"], "rolled_back", reason, p["target"])
         self._save_state()
         self._delete_bundle(_entry(p["bundle"]))
-        self._prune_engine_cache()
+        self._prune_disk()
         log.warning("update %s rolled back: %s", p["request_id"], reason)
 
     # ------------------------------------------------------------------ model/rollback
@@ -490,7 +491,7 @@ class Updater:
             # rolled back during probation, or disk would grow with every rollback.
             if replaced and replaced["sha"] not in {entry["sha"], *(h["sha"] for h in self.state["history"])}:
                 self._delete_bundle(replaced)
-            self._prune_engine_cache()
+            self._prune_disk()
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -546,6 +547,27 @@ class Updater:
         path = Path(entry["path"]).resolve()
         if self.root.resolve() in path.parents and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+
+    def _prune_disk(self) -> None:
+        """Delete what no model kept on disk needs any more: stale unpacked config bundles, then their engines."""
+        self._prune_bundle_copies()
+        self._prune_engine_cache()
+
+    def _prune_bundle_copies(self) -> None:
+        """Delete unpacked copies of config bundles (``<state_dir>/bundles/<sha>``, one per bundle the config ever
+        named as a tar) that are neither serving nor the active update nor one of the ``updates.keep`` previous
+        models. The config's bundle is unpacked again from its tar if it is ever needed. Half-done unpacks
+        (``.unpack-*``) are ``load_bundle``'s to clean."""
+        folder = Path(self.config.state_dir) / "bundles"
+        if not folder.is_dir():
+            return
+        entries = [self.state.get("active"), *self.state["history"]]
+        keep = {self.host.serving_bundle().root.resolve(), *(Path(e["path"]).resolve() for e in entries if e)}
+        for copy in folder.iterdir():
+            if copy.name.startswith(".") or not copy.is_dir() or copy.is_symlink() or copy.resolve() in keep:
+                continue
+            shutil.rmtree(copy, ignore_errors=True)
+            log.info("removed %s, an unpacked bundle no longer configured or kept for rollback", copy)
 
     def _prune_engine_cache(self) -> None:
         """Delete cached TensorRT engines of models no longer on disk (``deploy.engines.prune_engine_cache``).

@@ -421,3 +421,36 @@ def test_a_damaged_active_update_falls_back_to_the_previous_model(
     assert device.final(device.push(v4_tar.as_uri(), v4_sha, v4_version))["phase"] == "active"
     assert not active.exists()
     device.keeps_scoring()
+
+
+def test_unpacked_config_bundles_are_deleted_once_nothing_needs_them(
+    signed_bottle_bundle: SignedBundle, line: LineVideo, v2: Path, v3: Path, tmp_path: Path
+) -> None:
+    """The config names a tar: it is unpacked under <state_dir>/bundles/<sha>. A new tar in the config leaves the old
+    copy with nothing to serve, and it is deleted at the next start; a copy kept for rollback stays."""
+    b = signed_bottle_bundle
+    v1_tar, _ = tar_of(b.path, tmp_path / "v1.tar")
+    v2_tar, _ = tar_of(v2, tmp_path / "v2.tar")
+    copies = tmp_path / "state" / "bundles"
+    with Broker(tmp_path / "broker") as broker:
+        device = Device(tmp_path, SignedBundle(v1_tar, b.public_key, b.private_key), line, broker)
+        try:
+            v1_sha = verify_bundle_details(b.path, [b.public_key]).manifest_sha256
+            assert [p.name for p in copies.iterdir()] == [v1_sha]
+            assert device.daemon.terminate(30) == 0
+            # the operator installs v2 as the config's bundle
+            config = json.loads(device.config.read_text())
+            device.config.write_text(json.dumps({**config, "bundle": str(v2_tar)}))
+            device.start()
+            v2_sha = verify_bundle_details(v2, [b.public_key]).manifest_sha256
+            wait_until(lambda: [p.name for p in copies.iterdir()] == [v2_sha], 30, f"{v1_sha[:12]}'s copy deleted")
+            # an update: the config's copy is the previous model now, kept for model/rollback
+            v3_tar, v3_sha = tar_of(v3, tmp_path / "v3.tar")
+            version = parse_manifest((v3 / "manifest.json").read_bytes()).model["version"]
+            assert device.final(device.push(v3_tar.as_uri(), v3_sha, version))["phase"] == "active"
+            assert device.daemon.terminate(30) == 0
+            device.start()
+            device.keeps_scoring()
+            assert [p.name for p in copies.iterdir()] == [v2_sha]
+        finally:
+            device.close()
