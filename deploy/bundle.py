@@ -610,6 +610,29 @@ def _extract_members(f: IO[bytes], members: list[tuple[tarfile.TarInfo, str]], d
                 left -= len(chunk)
 
 
+def manifest_sha256(path: Path) -> str:
+    """sha256 of the manifest.json of the bundle at ``path`` (folder or tar): the bundle's identity, as in
+    ``VerifiedBundle.manifest_sha256``, read WITHOUT verifying anything (cheap: a tar's other members are skipped).
+    For telling whether a bundle changed, never for trusting one. BundleError when it cannot be read."""
+    path = Path(path)
+    if path.is_dir():
+        return hashlib.sha256(_read_small(path / MANIFEST_NAME, MAX_MANIFEST_BYTES, MANIFEST_NAME)).hexdigest()
+    try:
+        with tarfile.open(path, mode="r:") as tar:
+            for member in tar:
+                if not member.isfile() or _member_name(member.name) != MANIFEST_NAME:
+                    continue
+                if member.size > MAX_MANIFEST_BYTES:
+                    raise BundleError(f"{MANIFEST_NAME} is {member.size} bytes, over the limit of {MAX_MANIFEST_BYTES}")
+                f = tar.extractfile(member)
+                if f is None:
+                    break
+                return hashlib.sha256(f.read()).hexdigest()
+    except (OSError, tarfile.TarError) as exc:
+        raise BundleError(f"cannot read {path}: {exc}") from None
+    raise BundleError(f"{path} holds no {MANIFEST_NAME}")
+
+
 @contextlib.contextmanager
 def open_bundle(path: Path, *, tmp_dir: Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> Iterator[Path]:
     """Yield a folder holding the bundle: ``path`` itself when it is a folder, else a temporary safe

@@ -26,8 +26,9 @@ Everything the updater knows is in ``<state_dir>/updates/state.json`` (written a
 any phase starts again on the last active model: an interrupted request is reported as refused (before the
 switch) or rolled_back (during probation). An active update that is refused at start (a file no longer matches
 its hash) is skipped for the previous model kept for rollback (or, failing those, the config's bundle), reported as
-rolled_back (``startup_refused``). A request_id seen before
-is answered with its recorded outcome and nothing else happens.
+rolled_back (``startup_refused``). A config whose ``bundle`` changed since the last start (a technician installed
+another bundle by hand) is obeyed: that bundle replaces the active update, which is kept for ``model/rollback``.
+A request_id seen before is answered with its recorded outcome and nothing else happens.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from deploy.bundle import manifest_sha256
 from deploy.durable import write_bytes_atomic
 from deploy.engines import prune_engine_cache
 from deploy.manifest import BundleError, parse_manifest
@@ -103,7 +105,13 @@ class Updater:
         self.clock = clock
         self.root = Path(config.state_dir) / "updates"
         self.state_path = self.root / "state.json"
-        self.state: dict[str, Any] = {"active": None, "history": [], "pending": None, "requests": {}}
+        self.state: dict[str, Any] = {
+            "active": None,
+            "history": [],
+            "pending": None,
+            "requests": {},
+            "config_sha": None,  # manifest sha256 of the config's bundle at the last start (_follow_config_bundle)
+        }
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=16)
         self._lock = threading.RLock()
         self._probation: dict[str, Any] | None = None  # {"bundle", "previous", "since", "baseline": Probe}
@@ -139,7 +147,8 @@ class Updater:
         write_bytes_atomic(self.state_path, json.dumps(self.state, indent=1, sort_keys=True).encode("utf-8"))
 
     def startup_bundle(self) -> Path:
-        """The bundle the daemon must start on: the last active update, else the config's ``bundle``. An active update
+        """The bundle the daemon must start on: the last active update, else the config's ``bundle``. A config bundle
+        that changed since the last start wins over the active update (``_follow_config_bundle``); an active update
         whose folder is gone from disk is skipped as ``startup_refused`` describes.
 
         A request that was interrupted by a restart is closed here: refused before the switch, rolled back during
@@ -162,6 +171,7 @@ class Updater:
                 )
             self.state["pending"] = None
             self._save_state()
+        self._follow_config_bundle()
         active = self.state.get("active")
         if not active:
             return Path(self.config.bundle)
@@ -169,6 +179,35 @@ class Updater:
             fallback = self.startup_refused(Path(active["path"]), f"its folder {active['path']} is gone from disk")
             return fallback if fallback is not None else Path(self.config.bundle)
         return Path(active["path"])
+
+    def _follow_config_bundle(self) -> None:
+        """The config's ``bundle`` is the operator's word: when it holds another bundle than at the last start (a new
+        path, or new content at the same path), that bundle replaces the active update, which goes to the front of
+        the history (``model/rollback`` returns to it) and is reported on P/model/state. Bundles are compared by
+        manifest sha256 (read, not verified: loading verifies); an unreadable config bundle changes nothing here."""
+        try:
+            now = manifest_sha256(Path(self.config.bundle))
+        except BundleError:
+            return
+        before, active = self.state.get("config_sha"), self.state.get("active")
+        if before == now:
+            return
+        self.state["config_sha"] = now
+        dropped: list[dict[str, Any]] = []
+        if before is not None and active is not None:
+            history = [active, *(h for h in self.state["history"] if h["sha"] != active["sha"])]
+            dropped = history[self.config.updates.keep :]
+            self.state["history"] = history[: self.config.updates.keep]
+            self.state["active"] = None
+            why = (
+                f"the config's bundle changed (sha {before[:12]} -> {now[:12]}): it replaces the update "
+                f"{active.get('version')} (sha {str(active.get('sha'))[:12]}), which model/rollback returns to"
+            )
+            log.warning("%s", why)
+            self.state["last"] = {"request_id": None, "phase": "active", "reason": why, "target": None}
+        self._save_state()
+        for old in dropped:
+            self._delete_bundle(old)
 
     def startup_refused(self, path: Path, reason: str) -> Path | None:
         """``path`` (from ``startup_bundle``, or from an earlier call of this) was refused at start because of the

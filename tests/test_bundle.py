@@ -19,6 +19,7 @@ import pytest
 from deploy import __version__
 from deploy.bundle import (
     BundleError,
+    manifest_sha256,
     open_bundle,
     pack_tar,
     refresh_files,
@@ -190,6 +191,29 @@ def test_tar_made_by_other_tools_with_dot_prefix_verifies(
     with tarfile.open(tar_path, "w") as tar:  # like `tar -C bundle -cf dot.tar .`
         tar.add(bundle, arcname=".")
     assert verify_bundle(tar_path, [keys[1]]).model["name"] == "ae"
+
+
+def test_manifest_sha256_is_the_bundles_identity_in_every_form(
+    bundle: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The cheap identity (no verification) equals the verified one for a folder, our tar and another tool's tar."""
+    expected = verify_bundle_details(bundle, [keys[1]]).manifest_sha256
+    assert expected == hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+    ours, dotted = tmp_path / "a.tar", tmp_path / "dot.tar"
+    pack_tar(bundle, ours)
+    with tarfile.open(dotted, "w") as tar:
+        tar.add(bundle, arcname=".")
+    assert manifest_sha256(bundle) == manifest_sha256(ours) == manifest_sha256(dotted) == expected
+    bare = tmp_path / "bare.tar"
+    with tarfile.open(bare, "w") as tar:
+        tar.add(bundle / "model.onnx", arcname="model.onnx")
+    with pytest.raises(BundleError, match="holds no manifest.json"):
+        manifest_sha256(bare)
+    (tmp_path / "junk.tar").write_bytes(b"not a tar at all" * 100)
+    with pytest.raises(BundleError, match="cannot read"):
+        manifest_sha256(tmp_path / "junk.tar")
+    with pytest.raises(BundleError, match="no manifest.json"):
+        manifest_sha256(tmp_path)
 
 
 def test_unsigned_bundle(tmp_path: Path, keys: tuple[Path, Path]) -> None:

@@ -454,3 +454,34 @@ def test_unpacked_config_bundles_are_deleted_once_nothing_needs_them(
             assert [p.name for p in copies.iterdir()] == [v2_sha]
         finally:
             device.close()
+
+
+def test_a_bundle_installed_by_hand_in_the_config_replaces_the_active_update(
+    device: Device, v2: Path, v3: Path, tmp_path: Path, signed_bottle_bundle: SignedBundle
+) -> None:
+    """The config is the operator's word: a technician who puts another bundle in it and restarts gets that bundle,
+    not the update pushed earlier; the update is kept for model/rollback. An unchanged config changes nothing."""
+    key = signed_bottle_bundle.public_key
+    v2_sha, v3_sha = (verify_bundle_details(v, [key]).manifest_sha256 for v in (v2, v3))
+    tar, sha = tar_of(v2, tmp_path / "v2.tar")
+    version = parse_manifest((v2 / "manifest.json").read_bytes()).model["version"]
+    assert device.final(device.push(tar.as_uri(), sha, version))["phase"] == "active"
+    assert device.daemon.terminate(30) == 0
+    config = json.loads(device.config.read_text())
+    device.config.write_text(json.dumps({**config, "bundle": str(v3)}))
+    device.start()
+    wait_until(lambda: "the config's bundle changed" in (device.states()[-1]["reason"] or ""), 30, "the new state")
+    state = device.states()[-1]
+    assert state["phase"] == "active" and state["model"]["sha"] == v3_sha, state
+    assert f"the update {version} (sha {v2_sha[:12]})" in state["reason"], state
+    device.keeps_scoring()
+    # the pushed update is one rollback away
+    publish(device.broker.port, f"{PREFIX}/model/rollback", b'{"request_id": "rb-hand"}')
+    rolled = device.final("rb-hand")
+    assert rolled["phase"] == "rolled_back" and rolled["model"]["sha"] == v2_sha, rolled
+    # and with the config unchanged since, a restart stays on it
+    assert device.daemon.terminate(30) == 0
+    device.start()
+    wait_until(lambda: device.daemon.text().count("ready:") == 3, 30, "the restarted daemon")
+    assert f"sha {v2_sha[:12]}" in device.daemon.text().rsplit("final: ", 1)[1]
+    assert device.daemon.text().count("the config's bundle changed") == 1
