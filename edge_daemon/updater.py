@@ -116,6 +116,7 @@ class Updater:
         self._lock = threading.RLock()
         self._probation: dict[str, Any] | None = None  # {"bundle", "previous", "since", "baseline": Probe}
         self._startup_failures: list[str] = []  # why each model tried at start was refused (startup_refused)
+        self._startup_tried: set[Path] = set()
         self._thread = threading.Thread(target=self._work, name="updater", daemon=True)
         self._load_state()
 
@@ -223,30 +224,33 @@ class Updater:
         message, until a new update replaces it. Nothing is deleted (the files are the evidence).
         """
         active = self.state.get("active")
-        config_bundle = Path(self.config.bundle)
-        if not active or Path(path) == config_bundle:
+        if not active:
             return None
         entries = [active, *self.state["history"]]
         paths = [Path(e["path"]) for e in entries]
         if Path(path) not in paths:
-            return None
+            return None  # the config's bundle: nothing comes after it
+        self._startup_tried.add(Path(path))
         i = paths.index(Path(path))
         label = "the active update" if i == 0 else "the previous model"
         self._startup_failures.append(
             f"{label} {entries[i].get('version')} (sha {str(entries[i].get('sha'))[:12]}) cannot serve: {reason}"
         )
-        nxt = next((j for j in range(i + 1, len(entries)) if paths[j].exists()), None)
-        if nxt is None:
-            target = "back on the config's bundle"
+        later = [j for j in range(i + 1, len(entries)) if paths[j].exists() and paths[j] not in self._startup_tried]
+        config_bundle = Path(self.config.bundle)
+        if later:
+            nxt = paths[later[0]]
+            sha = str(entries[later[0]].get("sha"))[:12]
+            target = f"back on the previous model {entries[later[0]].get('version')} (sha {sha})"
+        elif config_bundle not in self._startup_tried:
+            nxt, target = config_bundle, "back on the config's bundle"
         else:
-            target = (
-                f"back on the previous model {entries[nxt].get('version')} (sha {str(entries[nxt].get('sha'))[:12]})"
-            )
+            return None  # the config's bundle was in the history (a folder used in place) and failed already
         why = "; ".join([*self._startup_failures, target])
         log.error("%s", why)
         self.state["last"] = {"request_id": None, "phase": "rolled_back", "reason": why, "target": None}
         self._save_state()
-        return config_bundle if nxt is None else paths[nxt]
+        return nxt
 
     def start(self) -> None:
         """Start the worker thread and publish the retained state (the interrupted request's outcome, if any)."""

@@ -485,3 +485,39 @@ def test_a_bundle_installed_by_hand_in_the_config_replaces_the_active_update(
     wait_until(lambda: device.daemon.text().count("ready:") == 3, 30, "the restarted daemon")
     assert f"sha {v2_sha[:12]}" in device.daemon.text().rsplit("final: ", 1)[1]
     assert device.daemon.text().count("the config's bundle changed") == 1
+
+
+def test_the_start_fallback_chain_tries_each_model_once_and_ends(
+    signed_bottle_bundle: SignedBundle, tmp_path: Path
+) -> None:
+    """startup_refused walks active -> history (newest first, skipping folders gone) -> the config's bundle, and
+    returns None rather than loop when the config's bundle (a folder in the history) was already tried."""
+    from edge_daemon.config import load_config
+    from edge_daemon.updater import Updater
+
+    config_path = write_config(
+        tmp_path, signed_bottle_bundle.path, signed_bottle_bundle.public_key, 1883, [{"id": "cam0", "source": "x.avi"}]
+    )
+    config = load_config(config_path)
+    folders = {name: tmp_path / name for name in ("v4", "v3", "v2")}
+    for name in ("v4", "v2"):  # v3 is gone from disk
+        folders[name].mkdir()
+    entry = lambda name, path: {"path": str(path), "sha": name * 16, "version": name}  # noqa: E731
+    state = {
+        "active": entry("v4", folders["v4"]),
+        "history": [entry("v3", folders["v3"]), entry("v2", folders["v2"]), entry("v1", config.bundle)],
+        "config_sha": None,
+    }
+    (tmp_path / "state" / "updates").mkdir(parents=True)
+    (tmp_path / "state" / "updates" / "state.json").write_text(json.dumps(state))
+    updater = Updater(config, host=None)  # type: ignore[arg-type]  # start-up never calls the host
+    first = updater.startup_bundle()
+    assert first == folders["v4"]
+    second = updater.startup_refused(first, "model.onnx was changed")
+    assert second == folders["v2"]  # v3 is skipped: gone
+    third = updater.startup_refused(second, "signature no longer trusted")
+    assert third == config.bundle  # the config's bundle, reached as the history's last model
+    assert updater.startup_refused(third, "it fails too") is None  # tried once: the chain ends
+    reason = updater.state["last"]["reason"]
+    assert reason.startswith("the active update v4") and "the previous model v2" in reason, reason
+    assert reason.endswith(f"back on the previous model v1 (sha {'v1' * 6})"), reason
