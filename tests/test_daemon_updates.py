@@ -38,37 +38,31 @@ def line(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> LineVid
     return make_line_video(shared_data / "mvtec_bottle", out, hold=4, fps=25.0, labels={"good"})
 
 
-@pytest.fixture(scope="module")
-def v2(signed_bottle_bundle: SignedBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def export_again(signed: SignedBundle, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """A newer signed bundle of the same run (exported again: a later "created", so a different sha)."""
     from trainer.export import export_run
 
-    root = tmp_path_factory.mktemp("v2")
+    root = tmp_path_factory.mktemp(name)
     time.sleep(1.1)  # "created" has one-second resolution
-    export_run(signed_bottle_bundle.path.parent / "run", root / "bundle", sign_key=signed_bottle_bundle.private_key)
+    export_run(signed.path.parent / "run", root / "bundle", sign_key=signed.private_key)
     return root / "bundle"
+
+
+@pytest.fixture(scope="module")
+def v2(signed_bottle_bundle: SignedBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_again(signed_bottle_bundle, tmp_path_factory, "v2")
 
 
 @pytest.fixture(scope="module")
 def v3(v2: Path, signed_bottle_bundle: SignedBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A third signed bundle of the same run, newer than ``v2``."""
-    from trainer.export import export_run
-
-    root = tmp_path_factory.mktemp("v3")
-    time.sleep(1.1)
-    export_run(signed_bottle_bundle.path.parent / "run", root / "bundle", sign_key=signed_bottle_bundle.private_key)
-    return root / "bundle"
+    """Newer than ``v2``."""
+    return export_again(signed_bottle_bundle, tmp_path_factory, "v3")
 
 
 @pytest.fixture(scope="module")
 def v4(v3: Path, signed_bottle_bundle: SignedBundle, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A fourth signed bundle of the same run, newer than ``v3``."""
-    from trainer.export import export_run
-
-    root = tmp_path_factory.mktemp("v4")
-    time.sleep(1.1)
-    export_run(signed_bottle_bundle.path.parent / "run", root / "bundle", sign_key=signed_bottle_bundle.private_key)
-    return root / "bundle"
+    """Newer than ``v3``."""
+    return export_again(signed_bottle_bundle, tmp_path_factory, "v4")
 
 
 def edited(bundle: Path, out: Path, edit: Callable[[dict[str, Any]], None], key: Path | None) -> Path:
