@@ -8,7 +8,7 @@ TORCH ?= torch==2.13.0
 DEMO_DIR ?= .demo
 SHARED_DATA ?= ../shared/data
 
-.PHONY: install demo test lint typecheck benchmarks-tables clean-demo mosquitto
+.PHONY: install demo test lint typecheck benchmarks-tables clean-demo mosquitto rtsp-server
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -51,7 +51,16 @@ mosquitto:
 	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto >/dev/null; \
 	    else echo "error: mosquitto is missing: sudo apt-get install mosquitto" >&2; exit 1; fi; }
 
-test: install mosquitto
+# The RTSP capture tests serve a real stream with GStreamer's gst-rtsp-server, run by the system Python.
+RTSP_PACKAGES = python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
+	gstreamer1.0-plugins-bad
+rtsp-server:
+	@/usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(RTSP_PACKAGES) >/dev/null; \
+	    else echo "error: the RTSP test server is missing: sudo apt-get install $(RTSP_PACKAGES)" >&2; exit 1; fi; }
+
+test: install mosquitto rtsp-server
 	$(BIN)/python -m pytest -q
 
 lint: install

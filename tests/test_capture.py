@@ -1,8 +1,9 @@
-"""Capture layer: source parsing, real video files (lossless, loop, realtime, fps cap), a real HTTP MJPEG camera
-that disappears and comes back, and sources that cannot be opened.
+"""Capture layer: source parsing, real video files (lossless, loop, realtime, fps cap), a real HTTP MJPEG camera and
+a real RTSP camera that disappear and come back, and sources that cannot be opened.
 
 Videos are written by the tests with cv2.VideoWriter (MJPG in .avi) from real MVTec bottle photographs; the
-HTTP camera is an http.server on loopback serving multipart/x-mixed-replace JPEGs of the same photographs.
+HTTP camera is an http.server on loopback serving multipart/x-mixed-replace JPEGs of the same photographs; the RTSP
+camera is GStreamer's gst-rtsp-server (tests/rtsp_server.py) serving them as RTP/JPEG.
 No timing assertions: conditions are polled with generous deadlines.
 """
 
@@ -12,6 +13,7 @@ import contextlib
 import http.server
 import socket
 import socketserver
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -644,6 +646,113 @@ def test_http_camera_goes_offline_and_comes_back(bottle_images: list[np.ndarray]
     finally:
         if server._server is not None:
             server.stop()
+    assert after[0].seq > before[-1].seq  # seq continues across the reconnect
+    assert pairs[0] == ("online", None) and pairs[-1] == ("online", None)
+    assert any(state == "offline" for state, _ in pairs[1:-1])
+    assert stats["reconnects"] == 1 and stats["frames_in"] >= 10 and stats["fps_in"] > 0
+
+
+# ---- a real RTSP camera (gst-rtsp-server) that disappears and comes back ---------------------------------------
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
+RTSP_PACKAGES = (  # the Makefile's rtsp-server target installs the same
+    "python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad"
+)
+
+
+class RtspServer:
+    """tests/rtsp_server.py as a child process: the JPEGs as a live 10 fps RTP/JPEG stream at rtsp://127.0.0.1:PORT/line,
+    as an IP camera serves it. stop() kills it (a camera losing power); start() again serves on the same port."""
+
+    def __init__(self, frames: list[Path], port: int) -> None:
+        self.frames, self.port = frames, port
+        self.proc: subprocess.Popen[str] | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [SYSTEM_PYTHON, str(RTSP_SERVER), str(self.port), "/line", "10", *map(str, self.frames)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if line != "ready":
+            rest = self.proc.communicate(timeout=10)[0]
+            missing = any(m in rest for m in ("GstRtspServer", "No module named 'gi'", "elements missing"))
+            hint = f" (install the server's packages: apt-get install {RTSP_PACKAGES})" if missing else ""
+            raise AssertionError(f"the RTSP server did not start{hint}: {line} {rest}")
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"rtsp://127.0.0.1:{self.port}/line"
+
+
+@pytest.fixture
+def rtsp_server(bottle_images: list[np.ndarray], tmp_path: Path) -> Iterator[RtspServer]:
+    from tests.mqtt_broker import free_port
+
+    frames = []
+    for i, image in enumerate(bottle_images[:8]):
+        frames.append(tmp_path / f"frame{i:02d}.jpg")
+        frames[-1].write_bytes(jpeg(image))
+    server = RtspServer(frames, free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        if server.proc is not None:
+            server.stop()
+
+
+def test_ffmpeg_reads_rtsp(rtsp_server: RtspServer) -> None:
+    """open_capture's RTSP path (FFmpeg, TCP interleaved, timeouts) on a real RTSP server, not only its errors."""
+    cap = open_capture(parse_source(rtsp_server.url), open_timeout_s=10, read_timeout_s=5)
+    frames = [cap.read() for _ in range(8)]
+    cap.release()
+    assert all(ok for ok, _ in frames)
+    served = [cv2.imdecode(np.frombuffer(p.read_bytes(), np.uint8), cv2.IMREAD_COLOR) for p in rtsp_server.frames]
+    # every frame read is one of the served pictures (FFmpeg's JPEG decoder rounds a little differently)
+    for _, frame in frames:
+        assert frame.shape == (SIZE, SIZE, 3)
+        assert min(float(cv2.absdiff(frame, s).mean()) for s in served) < 2.0
+
+
+def test_rtsp_camera_goes_offline_and_comes_back(rtsp_server: RtspServer, cameras: list[Camera]) -> None:
+    log = StatusLog()
+    cam = Camera(
+        "ipcam",
+        rtsp_server.url,
+        on_status=log,
+        backoff_s=(0.1, 0.5),
+        open_timeout_s=5.0,
+        read_timeout_s=2.0,
+    )
+    cameras.append(cam)
+    cam.start()
+    before = drain(cam, lambda fs: len(fs) >= 5)
+    assert cam.status.state == "online"
+
+    rtsp_server.stop()  # the camera loses power
+    wait_for(lambda: cam.status.state == "offline", "offline after the server stopped")
+    assert cam.status.reason in ("read_failed", "open_failed", "no_frames")
+    assert "127.0.0.1" in (cam.status.detail or "")
+    while cam.take() is not None:  # frames read before the loss
+        pass
+    time.sleep(0.5)  # a few failed reconnects while the camera is gone
+    assert cam.status.state == "offline"
+
+    rtsp_server.start()  # back, same port
+    after = drain(cam, lambda fs: len(fs) >= 5)
+    assert cam.status.state == "online"
+    pairs, stats = log.pairs(), cam.stats()
     assert after[0].seq > before[-1].seq  # seq continues across the reconnect
     assert pairs[0] == ("online", None) and pairs[-1] == ("online", None)
     assert any(state == "offline" for state, _ in pairs[1:-1])
