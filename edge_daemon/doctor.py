@@ -11,9 +11,12 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edge_daemon import __version__
+
+if TYPE_CHECKING:
+    from edge_daemon.config import DaemonConfig
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 
@@ -163,6 +166,7 @@ def run_checks(config_path: Path | None) -> list[Check]:
             )
     except BundleError as exc:
         checks.append(Check("FAIL", "bundle", f"{config.bundle}: {exc}"))
+    checks.append(check_update_state(config))
     from edge_daemon.capture.sources import parse_source
 
     for cam in config.cameras:
@@ -174,3 +178,40 @@ def run_checks(config_path: Path | None) -> list[Check]:
         else:
             checks.append(Check("ok", f"camera {cam.id}", f"{spec.kind} source {cam.source}"))
     return checks
+
+
+def check_update_state(config: DaemonConfig) -> Check:
+    """What the daemon will start on when a pushed update is active (``<state_dir>/updates/state.json``, read only:
+    nothing is written). ok: no update, or an update that verifies; warn: an update the daemon will skip (it fails its
+    checks or is gone: the previous model kept for rollback serves instead), a config bundle that changed since the
+    last start (it replaces the update), or a state file that cannot be read (set aside at start)."""
+    import json
+
+    from deploy.bundle import manifest_sha256, verify_bundle_details
+    from deploy.manifest import BundleError
+
+    path = Path(config.state_dir) / "updates" / "state.json"
+    if not path.is_file():
+        return Check("ok", "update", "none pushed: the config's bundle serves")
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+        active = state.get("active")
+        kept = len(state.get("history") or [])
+    except (OSError, ValueError, AttributeError) as exc:
+        return Check("warn", "update", f"{path} cannot be read ({exc}): set aside at start, the config's bundle serves")
+    if not active:
+        return Check("ok", "update", f"none active: the config's bundle serves ({kept} previous kept for rollback)")
+    name = f"{active.get('version')} (sha {str(active.get('sha'))[:12]})"
+    try:
+        config_changed = state.get("config_sha") not in (None, manifest_sha256(config.bundle))
+    except BundleError:
+        config_changed = False  # the bundle line above says why it cannot be read
+    if config_changed:
+        return Check("warn", "update", f"the config's bundle changed since the last start: it replaces update {name}")
+    try:
+        verify_bundle_details(Path(active["path"]), config.trusted_keys, require_signature=True)
+    except BundleError as exc:
+        return Check(
+            "warn", "update", f"update {name} cannot serve ({exc}): the daemon starts on the previous model instead"
+        )
+    return Check("ok", "update", f"{name} serves, not the config's bundle ({kept} previous kept for rollback)")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from edge_daemon.config import ConfigError, load_config, parse_config
+from tests.conftest import SignedBundle
+from tests.daemon_helpers import write_config
 
 GOOD = """\
 device_id: line3-cam-a
@@ -137,3 +142,37 @@ def test_doctor_reports_the_device(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert any(ln.startswith("FAIL  broker") for ln in res.stdout.splitlines()), res.stdout
     assert any(ln.startswith("FAIL  bundle") for ln in res.stdout.splitlines()), res.stdout
+
+
+def test_doctor_says_which_model_the_daemon_will_start_on(signed_bottle_bundle: SignedBundle, tmp_path: Path) -> None:
+    """The "update" line: none pushed, a pushed update that serves, one that will be skipped, a config changed by hand
+    since (it wins), and a state file that cannot be read. Doctor only reads: the state file is never changed."""
+    b = signed_bottle_bundle
+    cfg = write_config(tmp_path, b.path, b.public_key, 9, [{"id": "cam0", "source": str(tmp_path / "x.avi")}])
+
+    def update_line() -> str:
+        res = cli("doctor", "--config", cfg)
+        assert "Traceback" not in res.stderr, res.stderr
+        lines = [ln for ln in res.stdout.splitlines() if ln.split()[1:2] == ["update"]]
+        assert len(lines) == 1, res.stdout
+        return lines[0]
+
+    assert update_line().startswith("ok    update       none pushed")
+    sha = hashlib.sha256((b.path / "manifest.json").read_bytes()).hexdigest()
+    copy = tmp_path / "state" / "updates" / "unpacked" / "bundles" / sha
+    shutil.copytree(b.path, copy)
+    active = {"path": str(copy), "sha": sha, "version": "v9", "name": "ae"}
+    state_file = tmp_path / "state" / "updates" / "state.json"
+    state_file.write_text(json.dumps({"active": active, "history": [], "config_sha": sha}))
+    assert update_line().startswith(f"ok    update       v9 (sha {sha[:12]}) serves"), update_line()
+    state_file.write_text(json.dumps({"active": active, "history": [], "config_sha": "0" * 64}))
+    line = update_line()
+    assert line.startswith("warn") and "the config's bundle changed since the last start" in line, line
+    state_file.write_text(json.dumps({"active": active, "history": [], "config_sha": sha}))
+    (copy / "model.onnx").write_bytes(b"")
+    line = update_line()
+    assert line.startswith("warn") and "cannot serve" in line and "model.onnx" in line, line
+    state_file.write_text("{not json")
+    line = update_line()
+    assert line.startswith("warn") and "cannot be read" in line, line
+    assert state_file.read_text() == "{not json"  # read only
