@@ -212,6 +212,9 @@ def check_update_state(config: DaemonConfig) -> Check:
         verify_bundle_details(Path(active["path"]), config.trusted_keys, require_signature=True)
     except BundleError as exc:
         return Check(
-            "warn", "update", f"update {name} cannot serve ({exc}): the daemon starts on the previous model instead"
+            "warn",
+            "update",
+            f"update {name} cannot serve ({exc}): the daemon starts on the previous model kept for rollback, "
+            "else the config's bundle",
         )
     return Check("ok", "update", f"{name} serves, not the config's bundle ({kept} previous kept for rollback)")
