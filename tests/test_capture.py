@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import http.server
+import select
 import socket
 import socketserver
 import subprocess
@@ -677,7 +678,10 @@ class RtspServer:
             text=True,
         )
         assert self.proc.stdout is not None
-        line = self.proc.stdout.readline().strip()
+        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
+        line = self.proc.stdout.readline().strip() if ready else "(no answer within 30 s)"
+        if not ready:
+            self.proc.kill()
         if line != "ready":
             rest = self.proc.communicate(timeout=10)[0]
             missing = any(m in rest for m in ("GstRtspServer", "No module named 'gi'", "elements missing"))
