@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from deploy.durable import atomic_file, write_bytes_atomic
 from trainer.errors import UserError
 from trainer.models import Detector, build_config, build_model
 
@@ -76,18 +76,15 @@ def weights_epoch(ckpt: dict[str, Any]) -> int:
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON, atomically (temp file + rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Write ``obj`` as indented JSON, atomically and durably (``deploy.durable``)."""
+    write_bytes_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
 def save_torch_atomic(path: Path, obj: Any) -> None:
-    """torch.save ``obj`` to ``path`` atomically, so an interrupted save never leaves a torn checkpoint."""
+    """torch.save ``obj`` to ``path`` atomically and durably, so a crash or power cut never leaves a torn checkpoint."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as f:
+        torch.save(obj, f)
 
 
 def append_metrics(run: Path, record: dict[str, Any]) -> None:
