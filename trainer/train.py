@@ -7,7 +7,8 @@ and kept in memory as uint8; batches are converted to float32 [0, 1] on the devi
 Determinism: with the same seed on CPU a run is bit-for-bit repeatable, and a run interrupted
 with Ctrl-C and resumed gives the same weights as an uninterrupted one: the shuffle order of
 epoch e is a pure function of (seed, e), the torch RNG state is checkpointed, and Ctrl-C is only
-acted on between two steps (never inside an optimiser update).
+acted on between two steps (never inside an optimiser update). It also needs MKL's reproducible mode, which
+``trainer/__init__.py`` sets (MKL_CBWR=COMPATIBLE).
 """
 
 from __future__ import annotations
