@@ -197,7 +197,9 @@ def check_update_state(config: DaemonConfig) -> Check:
         state = json.loads(path.read_text(encoding="utf-8"))
         active = state.get("active")
         kept = len(state.get("history") or [])
-    except (OSError, ValueError, AttributeError) as exc:
+        if active is not None and not isinstance(active.get("path"), str):
+            raise ValueError("its active update has no path")
+    except (OSError, ValueError, AttributeError, TypeError) as exc:
         return Check("warn", "update", f"{path} cannot be read ({exc}): set aside at start, the config's bundle serves")
     if not active:
         return Check("ok", "update", f"none active: the config's bundle serves ({kept} previous kept for rollback)")

@@ -172,6 +172,8 @@ def test_doctor_says_which_model_the_daemon_will_start_on(signed_bottle_bundle: 
     (copy / "model.onnx").write_bytes(b"")
     line = update_line()
     assert line.startswith("warn") and "cannot serve" in line and "model.onnx" in line, line
+    state_file.write_text(json.dumps({"active": "v9", "history": []}))
+    assert "cannot be read" in update_line()
     state_file.write_text("{not json")
     line = update_line()
     assert line.startswith("warn") and "cannot be read" in line, line
