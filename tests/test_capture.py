@@ -612,45 +612,47 @@ def test_ffmpeg_reads_http_mjpeg(bottle_images: list[np.ndarray]) -> None:
     assert min(float(cv2.absdiff(f, expected).mean()) for _, f in frames) < 2.0
 
 
-def test_http_camera_goes_offline_and_comes_back(bottle_images: list[np.ndarray], cameras: list[Camera]) -> None:
-    server = MjpegServer([jpeg(im) for im in bottle_images])
-    server.start()
+def check_camera_survives_an_outage(
+    url: str, stop: Callable[[], None], start: Callable[[], None], cameras: list[Camera], open_timeout_s: float
+) -> None:
+    """A camera on ``url`` scores frames; ``stop()`` takes its server away (a camera losing power): it goes offline,
+    naming the host, and keeps retrying; ``start()`` brings a server back on the same port: it comes back online with
+    seq continuing and one reconnect counted."""
     log = StatusLog()
-    cam = Camera(
-        "ipcam",
-        server.url,
-        on_status=log,
-        backoff_s=(0.1, 0.5),
-        open_timeout_s=2.0,
-        read_timeout_s=2.0,
-    )
+    cam = Camera("ipcam", url, on_status=log, backoff_s=(0.1, 0.5), open_timeout_s=open_timeout_s, read_timeout_s=2.0)
     cameras.append(cam)
     cam.start()
-    try:
-        before = drain(cam, lambda fs: len(fs) >= 5)
-        assert cam.status.state == "online"
-        assert before[0].image.shape == (SIZE, SIZE, 3)
+    before = drain(cam, lambda fs: len(fs) >= 5)
+    assert cam.status.state == "online"
+    assert before[0].image.shape == (SIZE, SIZE, 3)
 
-        server.stop()
-        wait_for(lambda: cam.status.state == "offline", "offline after the server stopped")
-        assert cam.status.reason in ("read_failed", "open_failed", "no_frames")
-        assert "127.0.0.1" in (cam.status.detail or "")
-        while cam.take() is not None:  # frames read before the loss
-            pass
-        time.sleep(0.5)  # a few failed reconnects while the camera is gone
-        assert cam.status.state == "offline"
+    stop()
+    wait_for(lambda: cam.status.state == "offline", "offline after the server stopped")
+    assert cam.status.reason in ("read_failed", "open_failed", "no_frames")
+    assert "127.0.0.1" in (cam.status.detail or "")
+    while cam.take() is not None:  # frames read before the loss
+        pass
+    time.sleep(0.5)  # a few failed reconnects while the camera is gone
+    assert cam.status.state == "offline"
 
-        server.start()  # same port
-        after = drain(cam, lambda fs: len(fs) >= 5)
-        assert cam.status.state == "online"
-        pairs, stats = log.pairs(), cam.stats()  # before the server stops again below
-    finally:
-        if server._server is not None:
-            server.stop()
+    start()  # same port
+    after = drain(cam, lambda fs: len(fs) >= 5)
+    assert cam.status.state == "online"
+    pairs, stats = log.pairs(), cam.stats()
     assert after[0].seq > before[-1].seq  # seq continues across the reconnect
     assert pairs[0] == ("online", None) and pairs[-1] == ("online", None)
     assert any(state == "offline" for state, _ in pairs[1:-1])
     assert stats["reconnects"] == 1 and stats["frames_in"] >= 10 and stats["fps_in"] > 0
+
+
+def test_http_camera_goes_offline_and_comes_back(bottle_images: list[np.ndarray], cameras: list[Camera]) -> None:
+    server = MjpegServer([jpeg(im) for im in bottle_images])
+    server.start()
+    try:
+        check_camera_survives_an_outage(server.url, server.stop, server.start, cameras, open_timeout_s=2.0)
+    finally:
+        if server._server is not None:
+            server.stop()
 
 
 # ---- a real RTSP camera (gst-rtsp-server) that disappears and comes back ---------------------------------------
@@ -730,34 +732,4 @@ def test_ffmpeg_reads_rtsp(rtsp_server: RtspServer) -> None:
 
 
 def test_rtsp_camera_goes_offline_and_comes_back(rtsp_server: RtspServer, cameras: list[Camera]) -> None:
-    log = StatusLog()
-    cam = Camera(
-        "ipcam",
-        rtsp_server.url,
-        on_status=log,
-        backoff_s=(0.1, 0.5),
-        open_timeout_s=5.0,
-        read_timeout_s=2.0,
-    )
-    cameras.append(cam)
-    cam.start()
-    before = drain(cam, lambda fs: len(fs) >= 5)
-    assert cam.status.state == "online"
-
-    rtsp_server.stop()  # the camera loses power
-    wait_for(lambda: cam.status.state == "offline", "offline after the server stopped")
-    assert cam.status.reason in ("read_failed", "open_failed", "no_frames")
-    assert "127.0.0.1" in (cam.status.detail or "")
-    while cam.take() is not None:  # frames read before the loss
-        pass
-    time.sleep(0.5)  # a few failed reconnects while the camera is gone
-    assert cam.status.state == "offline"
-
-    rtsp_server.start()  # back, same port
-    after = drain(cam, lambda fs: len(fs) >= 5)
-    assert cam.status.state == "online"
-    pairs, stats = log.pairs(), cam.stats()
-    assert after[0].seq > before[-1].seq  # seq continues across the reconnect
-    assert pairs[0] == ("online", None) and pairs[-1] == ("online", None)
-    assert any(state == "offline" for state, _ in pairs[1:-1])
-    assert stats["reconnects"] == 1 and stats["frames_in"] >= 10 and stats["fps_in"] > 0
+    check_camera_survives_an_outage(rtsp_server.url, rtsp_server.stop, rtsp_server.start, cameras, open_timeout_s=5.0)
