@@ -41,7 +41,7 @@ import queue
 import shutil
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -196,9 +196,7 @@ class Updater:
         self.state["config_sha"] = now
         dropped: list[dict[str, Any]] = []
         if before is not None and active is not None:
-            history = [active, *(h for h in self.state["history"] if h["sha"] != active["sha"])]
-            dropped = history[self.config.updates.keep :]
-            self.state["history"] = history[: self.config.updates.keep]
+            dropped = self._push_history(active)
             self.state["active"] = None
             why = (
                 f"the config's bundle changed (sha {before[:12]} -> {now[:12]}): it replaces the update "
@@ -207,8 +205,7 @@ class Updater:
             log.warning("%s", why)
             self.state["last"] = {"request_id": None, "phase": "active", "reason": why, "target": None}
         self._save_state()
-        for old in dropped:
-            self._delete_bundle(old)
+        self._delete_unkept(dropped)
 
     def startup_refused(self, path: Path, reason: str) -> Path | None:
         """``path`` (from ``startup_bundle``, or from an earlier call of this) was refused at start because of the
@@ -454,21 +451,14 @@ class Updater:
     def _confirm(self, p: dict[str, Any], frames: int) -> None:
         bundle: LoadedBundle = p["bundle"]
         previous: LoadedBundle = p["previous"]
-        history = [h for h in self.state["history"] if h["sha"] != previous.sha and h["sha"] != bundle.sha]
-        history.insert(0, _entry(previous))
-        dropped = history[self.config.updates.keep :]
-        self.state["history"] = history[: self.config.updates.keep]
-        replaced = self.state.get("active")
-        kept = {bundle.sha, *(h["sha"] for h in self.state["history"])}
-        if replaced and replaced["sha"] not in kept:
-            dropped.append(replaced)  # the active update the daemon fell back from at start (startup_refused)
+        dropped = self._push_history(_entry(previous), also_drop=bundle.sha)
+        replaced = self.state.get("active")  # when not ``previous``: the update the daemon fell back from at start
         self.state["active"] = _entry(bundle)
         self.state["pending"] = None
         self._probation = None
         self._remember(p["request_id"], "active", f"passed probation ({frames} frames)", p["target"])
         self._save_state()
-        for old in dropped:
-            self._delete_bundle(old)
+        self._delete_unkept([*dropped, replaced])
         self._prune_disk()
         log.info("update %s: %s %s is active", p["request_id"], bundle.name, bundle.version)
 
@@ -532,8 +522,7 @@ class Updater:
             self._save_state()
             # Nothing rolls forward (a new model/set does): the update left behind is deleted, like one that is
             # rolled back during probation, or disk would grow with every rollback.
-            if replaced and replaced["sha"] not in {entry["sha"], *(h["sha"] for h in self.state["history"])}:
-                self._delete_bundle(replaced)
+            self._delete_unkept([replaced])
             self._prune_disk()
 
     # ------------------------------------------------------------------ bookkeeping
@@ -590,6 +579,22 @@ class Updater:
         path = Path(entry["path"]).resolve()
         if self.root.resolve() in path.parents and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+
+    def _push_history(self, entry: dict[str, Any], *, also_drop: str | None = None) -> list[dict[str, Any]]:
+        """Put ``entry`` at the front of the history kept for model/rollback (removing other entries of its sha, and
+        of ``also_drop``), cut to ``updates.keep``; return the entries that fell off (``_delete_unkept`` them once
+        the state is saved)."""
+        history = [entry, *(h for h in self.state["history"] if h["sha"] not in (entry["sha"], also_drop))]
+        self.state["history"] = history[: self.config.updates.keep]
+        return history[self.config.updates.keep :]
+
+    def _delete_unkept(self, entries: Iterable[dict[str, Any] | None]) -> None:
+        """Delete the unpacked bundles of ``entries`` that are neither the active update nor in the history (call
+        after saving the state: a crash in between leaks a folder, never loses a kept one)."""
+        kept = {e["sha"] for e in [self.state.get("active"), *self.state["history"]] if e}
+        for entry in entries:
+            if entry and entry["sha"] not in kept:
+                self._delete_bundle(entry)
 
     def _prune_disk(self) -> None:
         """Delete what no model kept on disk needs any more: stale unpacked config bundles, then their engines."""
