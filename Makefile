@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[train,daemon,opencv,push,dev]"
+	$(BIN)/python -m pip install -q -e ".[train,daemon,opencv,push,demo,dev]"
 	# tensorrt-stubs declares a dependency on the tensorrt wheel, which cannot be installed
 	# without NVIDIA's servers; the stubs alone are all mypy needs.
 	$(BIN)/python -m pip install -q --no-deps "tensorrt-stubs>=10.0"
@@ -27,8 +27,9 @@ install: $(VENV)/.installed
 # The main job, end to end on real data: MNIST (digit 3 normal) -> train the AE baseline ->
 # evaluate on the official test set; then the same on real factory images (MVTec AD bottle),
 # exported as a signed detector bundle and verified; then the daemon watches a "line" video made of
-# the bottle's real test photographs and its events arrive over MQTT from a private broker.
-demo: install mosquitto
+# the bottle's real test photographs and its events arrive over MQTT from a private broker (Debian's
+# mosquitto when it is installed, else the embedded amqtt broker: no root needed).
+demo: install
 	$(BIN)/edge-trainer datasets prepare mnist --normal-class 3 --out $(DEMO_DIR)/data/mnist-3
 	$(BIN)/edge-trainer train --model ae --data $(DEMO_DIR)/data/mnist-3 --out $(DEMO_DIR)/runs/ae-3 --epochs 3
 	$(BIN)/edge-trainer eval $(DEMO_DIR)/runs/ae-3 --data $(DEMO_DIR)/data/mnist-3
@@ -44,7 +45,8 @@ demo: install mosquitto
 	$(BIN)/python scripts/demo_line.py --bundle $(DEMO_DIR)/bundles/ae-bottle --trusted $(DEMO_DIR)/keys/demo.pub \
 		--data $(SHARED_DATA)/mvtec_bottle --work $(DEMO_DIR)/line
 
-# The demo and the tests start private brokers: Debian's mosquitto (installed here when we may).
+# The tests start private mosquitto brokers (they restart them, with persistence and TLS): Debian's
+# mosquitto, installed here when we may.
 mosquitto:
 	@command -v mosquitto >/dev/null || test -x /usr/sbin/mosquitto || \
 	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -5,7 +5,8 @@
 
 1. assembles a line video from the folder's real test photographs (scripts/line_video.py; each part is held
    for a few frames, like parts passing a camera);
-2. starts a private MQTT broker on a free loopback port (scripts/private_broker.py);
+2. starts a private MQTT broker on a free loopback port (scripts/private_broker.py): Debian's mosquitto when it
+   is installed, else the embedded amqtt broker (MQTT 3.1.1 only: the daemon's config and the watcher say so);
 3. writes a daemon config and runs the real daemon (``edge-daemon run``) on the video at full speed;
 4. prints every event as it arrives over MQTT, checks each crop's sha256 and saves it under WORK/crops/;
 5. ends with a summary against the known defective parts: frames, events, true and false alarms.
@@ -18,6 +19,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -31,7 +33,7 @@ import paho.mqtt.client as mqtt
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from line_video import LineVideo, make_line_video  # noqa: E402
-from private_broker import Broker, BrokerError  # noqa: E402
+from private_broker import BrokerError, private_broker  # noqa: E402
 
 DEVICE = "demo-line"
 PREFIX = f"inspect/{DEVICE}"
@@ -40,7 +42,7 @@ PREFIX = f"inspect/{DEVICE}"
 class Watcher:
     """Subscribes to the device's topics; keeps crops by sha256 and events de-duplicated by (event_id, seq)."""
 
-    def __init__(self, port: int, crops_dir: Path, quiet: bool = False) -> None:
+    def __init__(self, port: int, crops_dir: Path, quiet: bool = False, protocol: str = "5") -> None:
         self.crops: dict[str, bytes] = {}
         self.events: list[dict[str, Any]] = []
         self.seen: set[tuple[str, int]] = set()
@@ -49,7 +51,8 @@ class Watcher:
         self.crops_dir = crops_dir
         self.quiet = quiet
         self.lock = threading.Lock()
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-watcher", protocol=mqtt.MQTTv5)
+        version = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="demo-watcher", protocol=version)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{PREFIX}/#", qos=1)
         self.client.on_message = self._on_message
         self.client.connect("127.0.0.1", port)
@@ -99,14 +102,18 @@ class Watcher:
         self.client.disconnect()
 
 
-def write_config(work: Path, bundle: Path, trusted: Path, video: LineVideo, port: int, realtime: bool) -> Path:
+def write_config(
+    work: Path, bundle: Path, trusted: Path, video: LineVideo, port: int, realtime: bool, protocol: str
+) -> Path:
+    """The daemon's config for the demo; ``protocol``: the broker's MQTT version (the daemon would find a
+    3.1.1-only broker by itself, but amqtt takes 3 s to hang up on an MQTT 5 CONNECT: longer than the video)."""
     config = {
         "device_id": DEVICE,
         "bundle": str(bundle.resolve()),
         "trusted_keys": [str(trusted.resolve())],
         "state_dir": str((work / "state").resolve()),
         "backend": "auto",
-        "mqtt": {"host": "127.0.0.1", "port": port},
+        "mqtt": {"host": "127.0.0.1", "port": port, "protocol": protocol},
         "cameras": [{"id": "cam0", "source": str(video.video.resolve()), "realtime": realtime, "roi": list(video.roi)}],
         "spool": {"path": str((work / "state" / "spool.db").resolve())},
         "stats_interval_s": 1,
@@ -153,12 +160,21 @@ def main() -> int:
     p.add_argument("--work", type=Path, default=Path(".demo/line"))
     p.add_argument("--hold", type=int, default=5, help="frames per part")
     p.add_argument("--realtime", action="store_true", help="play the video at its frame rate (default: full speed)")
+    p.add_argument(
+        "--broker",
+        choices=("auto", "mosquitto", "embedded"),
+        default="auto",
+        help="the private broker: mosquitto, the embedded amqtt, or auto (mosquitto when installed, else amqtt)",
+    )
     args = p.parse_args()
 
     work = args.work
     (work / "crops").mkdir(parents=True, exist_ok=True)
     for old in (work / "crops").glob("*.jpg"):
         old.unlink()
+    # A fresh device each run: a spool left by an earlier run (a broker that was not reached) would replay that
+    # run's events into this run's summary.
+    shutil.rmtree(work / "state", ignore_errors=True)
     video = make_line_video(args.data, work / "line.avi", hold=args.hold)
     n_bad = sum(p.defective for p in video.parts)
     print(
@@ -166,14 +182,14 @@ def main() -> int:
         f"assembled from the real photographs in {args.data}/test"
     )
     try:
-        broker = Broker(work / "broker").start()
+        broker = private_broker(work / "broker", args.broker)
     except BrokerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     with broker:
-        print(f"private MQTT broker (mosquitto) on 127.0.0.1:{broker.port}")
-        config = write_config(work, args.bundle, args.trusted, video, broker.port, args.realtime)
-        watcher = Watcher(broker.port, work / "crops")
+        print(f"private MQTT broker ({broker.name}, MQTT {broker.protocol}) on 127.0.0.1:{broker.port}")
+        config = write_config(work, args.bundle, args.trusted, video, broker.port, args.realtime, broker.protocol)
+        watcher = Watcher(broker.port, work / "crops", protocol=broker.protocol)
         print(f"edge-daemon run --config {config}   (events below arrive over MQTT)")
         t0 = time.monotonic()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -185,8 +201,10 @@ def main() -> int:
         watcher.close()
     summary = summarise(video, watcher.events)
     stats = (watcher.stats or {}).get("cameras", {}).get("cam0", {})
+    protocol = (watcher.stats or {}).get("mqtt", {}).get("protocol")
     print(
-        f"\nsummary: daemon exit {proc.returncode} after {elapsed:.1f} s; {stats.get('frames_scored', '?')} of "
+        f"\nsummary: daemon exit {proc.returncode} after {elapsed:.1f} s (MQTT {protocol or '?'} to {broker.name}); "
+        f"{stats.get('frames_scored', '?')} of "
         f"{video.frames} frames scored; {summary['events']} events: {summary['true_alarms']} true alarms, "
         f"{summary['false_alarms']} false alarms; defective parts caught {summary['defective_caught']}/"
         f"{summary['defective_parts']}; good parts flagged {summary['good_flagged']}/{summary['good_parts']}; "
@@ -194,7 +212,15 @@ def main() -> int:
     )
     for problem in watcher.problems:
         print(f"problem: {problem}")
-    (work / "summary.json").write_text(json.dumps({**summary, "daemon_exit": proc.returncode}, indent=1) + "\n")
+    record = {
+        **summary,
+        "frames": video.frames,
+        "frames_scored": stats.get("frames_scored"),
+        "broker": broker.name,
+        "mqtt_protocol": protocol,
+        "daemon_exit": proc.returncode,
+    }
+    (work / "summary.json").write_text(json.dumps(record, indent=1) + "\n")
     return 0 if proc.returncode == 0 and not watcher.problems else 1
 
 

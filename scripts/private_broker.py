@@ -1,12 +1,15 @@
-"""A private MQTT broker for the demo, the tests and the streaming benchmark: Debian's Mosquitto on a free
-loopback port, with its config, log and (optional) persistence in a work folder.
+"""A private MQTT broker for the demo, the tests and the streaming benchmark, on a free loopback port, with its
+config and log in a work folder: Debian's Mosquitto (``Broker``), or, for the demo on a machine without it, the
+embedded pure-Python amqtt broker (``EmbeddedBroker``, MQTT 3.1.1 only; DESIGN.md, "Layout").
 
     with Broker(Path(".demo/line/broker")) as broker:   # started; waits until the port accepts connections
         ... broker.port ...
         broker.restart(kill=True, down_s=1.0)          # a crash and a restart on the same port
+    broker = private_broker(Path(".demo/line/broker"))  # mosquitto when installed, else amqtt
 
-A missing mosquitto is an error naming the install command (CI installs it). ``make_test_pki`` makes a throw-away
-CA with server and client certificates for TLS tests.
+A missing mosquitto is an error naming the install command (CI installs it): the tests need mosquitto's
+persistence, TLS and restarts. ``make_test_pki`` makes a throw-away CA with server and client certificates for
+TLS tests.
 """
 
 from __future__ import annotations
@@ -17,15 +20,17 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 HOST = "127.0.0.1"
 
 
 class BrokerError(RuntimeError):
-    """Mosquitto is missing or would not start; the message says why (with its log)."""
+    """The broker is missing or would not start; the message says why (with its log)."""
 
 
 def mosquitto_path() -> str:
@@ -34,7 +39,7 @@ def mosquitto_path() -> str:
         if candidate and os.access(candidate, os.X_OK):
             return candidate
     raise BrokerError(
-        "mosquitto is not installed (looked in /usr/sbin and on PATH): these tests need a real broker; "
+        "mosquitto is not installed (looked in /usr/sbin and on PATH; the tests need it): "
         "install Debian's package: apt-get install -y mosquitto"
     )
 
@@ -129,31 +134,21 @@ def make_test_pki(directory: Path) -> TlsFiles:
     return TlsFiles(ca_path, server_cert, server_key, client_cert, client_key)
 
 
-class Broker:
-    """One mosquitto process on a free 127.0.0.1 port, with its config, log and data in ``workdir``.
+_B = TypeVar("_B", bound="_BrokerProcess")
 
-    ``persistence``: keep sessions, queued QoS 1 messages and retained messages across :meth:`restart`
-    (mosquitto writes them when it stops on SIGTERM; a SIGKILL loses what was not saved).
-    ``allow_anonymous``: False refuses every client (no password file): a broker with bad credentials.
-    ``tls``: serve TLS only, with these files; the client must present a certificate signed by the CA.
-    """
 
-    def __init__(
-        self,
-        workdir: Path,
-        *,
-        port: int | None = None,
-        persistence: bool = False,
-        allow_anonymous: bool = True,
-        tls: TlsFiles | None = None,
-    ) -> None:
+class _BrokerProcess:
+    """A broker process on ``port`` (a free one when None) of 127.0.0.1, logging into ``workdir``.
+    Subclasses say which command runs it (``_command``) and what it is called (``name``)."""
+
+    name = "broker"
+    protocol = "5"  # the newest MQTT version it speaks: "5" or "3.1.1"
+
+    def __init__(self, workdir: Path, *, port: int | None = None) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
-        self.persistence = persistence
-        self.allow_anonymous = allow_anonymous
-        self.tls = tls
-        self.log_path = self.workdir / "mosquitto.log"
+        self.log_path = self.workdir / f"{self.name.split()[0]}.log"
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -164,52 +159,27 @@ class Broker:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def _write_config(self) -> Path:
-        lines = [
-            f"listener {self.port} {HOST}",
-            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
-            f"persistence {'true' if self.persistence else 'false'}",
-            "log_dest stderr",
-            "log_type error",
-            "log_type warning",
-            "log_type notice",
-            "log_type information",
-            "connection_messages true",
-            "log_timestamp_format %H:%M:%S",
-        ]
-        if self.persistence:
-            lines.append(f"persistence_location {self.workdir}/")
-        if self.tls is not None:
-            lines += [
-                f"cafile {self.tls.ca}",
-                f"certfile {self.tls.server_cert}",
-                f"keyfile {self.tls.server_key}",
-                "require_certificate true",
-            ]
-        if os.geteuid() == 0:
-            # As root mosquitto drops to the "mosquitto" user, which could not write our workdir.
-            lines.append(f"user {getpass.getuser()}")
-        conf = self.workdir / "mosquitto.conf"
-        conf.write_text("\n".join(lines) + "\n")
-        return conf
+    def _command(self) -> list[str]:
+        raise NotImplementedError
 
-    def start(self, timeout: float = 10.0) -> Broker:
-        """Start mosquitto and wait until its port accepts connections; BrokerError with its log if not."""
+    def start(self: _B, timeout: float = 10.0) -> _B:
+        """Start the broker and wait until its port accepts connections; BrokerError with its log if not."""
         if self.running:
             return self
-        binary = mosquitto_path()
-        conf = self._write_config()
+        command = self._command()
         with open(self.log_path, "ab") as log:
-            self._proc = subprocess.Popen([binary, "-c", str(conf)], stdout=log, stderr=subprocess.STDOUT)
+            self._proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise BrokerError(f"mosquitto exited with {self._proc.returncode} at start:\n{self.log_text()[-2000:]}")
+                raise BrokerError(
+                    f"{self.name} exited with {self._proc.returncode} at start:\n{self.log_text()[-2000:]}"
+                )
             if _port_open(self.port):
                 return self
             time.sleep(0.02)
         self.kill()
-        raise BrokerError(f"mosquitto did not open port {self.port} within {timeout} s:\n{self.log_text()[-2000:]}")
+        raise BrokerError(f"{self.name} did not open port {self.port} within {timeout} s:\n{self.log_text()[-2000:]}")
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM and wait (mosquitto saves its persistence file then)."""
@@ -249,8 +219,110 @@ class Broker:
         except OSError:
             return ""
 
-    def __enter__(self) -> Broker:
+    def __enter__(self: _B) -> _B:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class Broker(_BrokerProcess):
+    """One mosquitto process on a free 127.0.0.1 port, with its config, log and data in ``workdir``.
+
+    ``persistence``: keep sessions, queued QoS 1 messages and retained messages across :meth:`restart`
+    (mosquitto writes them when it stops on SIGTERM; a SIGKILL loses what was not saved).
+    ``allow_anonymous``: False refuses every client (no password file): a broker with bad credentials.
+    ``tls``: serve TLS only, with these files; the client must present a certificate signed by the CA.
+    """
+
+    name = "mosquitto"
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        port: int | None = None,
+        persistence: bool = False,
+        allow_anonymous: bool = True,
+        tls: TlsFiles | None = None,
+    ) -> None:
+        super().__init__(workdir, port=port)
+        self.persistence = persistence
+        self.allow_anonymous = allow_anonymous
+        self.tls = tls
+
+    def _write_config(self) -> Path:
+        lines = [
+            f"listener {self.port} {HOST}",
+            f"allow_anonymous {'true' if self.allow_anonymous else 'false'}",
+            f"persistence {'true' if self.persistence else 'false'}",
+            "log_dest stderr",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            "connection_messages true",
+            "log_timestamp_format %H:%M:%S",
+        ]
+        if self.persistence:
+            lines.append(f"persistence_location {self.workdir}/")
+        if self.tls is not None:
+            lines += [
+                f"cafile {self.tls.ca}",
+                f"certfile {self.tls.server_cert}",
+                f"keyfile {self.tls.server_key}",
+                "require_certificate true",
+            ]
+        if os.geteuid() == 0:
+            # As root mosquitto drops to the "mosquitto" user, which could not write our workdir.
+            lines.append(f"user {getpass.getuser()}")
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return conf
+
+    def _command(self) -> list[str]:
+        return [mosquitto_path(), "-c", str(self._write_config())]
+
+
+class EmbeddedBroker(_BrokerProcess):
+    """The amqtt broker (pure Python, MQTT 3.1.1 only, anonymous, no persistence) in a child process: the demo's
+    broker on a machine without mosquitto. Needs the ``demo`` extra (``pip install -e ".[demo]"``)."""
+
+    name = "amqtt (embedded)"
+    protocol = "3.1.1"
+
+    def _command(self) -> list[str]:
+        try:
+            import amqtt  # noqa: F401
+        except ImportError as exc:
+            raise BrokerError(
+                "neither mosquitto nor the embedded broker is installed: apt-get install -y mosquitto, "
+                'or pip install -e ".[demo]" (amqtt)'
+            ) from exc
+        conf = self.workdir / "amqtt.yaml"
+        conf.write_text(
+            "listeners:\n"
+            "  default:\n"
+            "    type: tcp\n"
+            f"    bind: {HOST}:{self.port}\n"
+            "plugins:\n"
+            "  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+            "    allow_anonymous: true\n"
+        )
+        return [sys.executable, "-m", "amqtt.scripts.broker_script", "-c", str(conf)]
+
+
+def private_broker(workdir: Path, kind: str = "auto") -> _BrokerProcess:
+    """A started private broker: ``kind`` "mosquitto", "embedded" (amqtt), or "auto" (mosquitto when it is
+    installed, else amqtt). BrokerError when the one asked for cannot start."""
+    if kind not in ("auto", "mosquitto", "embedded"):
+        raise ValueError(f"unknown broker kind {kind!r}: expected auto, mosquitto or embedded")
+    if kind == "embedded":
+        return EmbeddedBroker(workdir).start()
+    try:
+        mosquitto_path()
+    except BrokerError:
+        if kind == "mosquitto":
+            raise
+        return EmbeddedBroker(workdir).start()
+    return Broker(workdir).start()

@@ -26,11 +26,21 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from private_broker import HOST, Broker, BrokerError, TlsFiles, free_port, make_test_pki, mosquitto_path  # noqa: E402
+from private_broker import (  # noqa: E402
+    HOST,
+    Broker,
+    BrokerError,
+    EmbeddedBroker,
+    TlsFiles,
+    free_port,
+    make_test_pki,
+    mosquitto_path,
+)
 
 __all__ = [
     "Broker",
     "BrokerError",
+    "EmbeddedBroker",
     "Received",
     "Subscriber",
     "TlsFiles",

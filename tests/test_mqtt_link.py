@@ -19,7 +19,7 @@ import pytest
 
 from edge_daemon.mqtt import MqttLink, MqttSettings, add_replayed_flag, protocol_after_failure
 from edge_daemon.spool import Spool
-from tests.mqtt_broker import Broker, Received, Subscriber, free_port, make_test_pki, publish
+from tests.mqtt_broker import Broker, EmbeddedBroker, Received, Subscriber, free_port, make_test_pki, publish
 
 REPO = Path(__file__).resolve().parents[1]
 DEVICE = "line3-cam-a"
@@ -504,6 +504,24 @@ def test_auto_falls_back_to_311_when_the_broker_refuses_mqtt5(broker: Broker, tm
         sub.wait_for(lambda m: len(m) == 1, what="the event")
         assert link.stop() is True
     front.close()
+    spool.close()
+
+
+def test_auto_finds_311_on_a_real_311_only_broker(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """amqtt (the demo's embedded broker) speaks only MQTT 3.1.1 and hangs up on our MQTT 5 CONNECT (it cannot
+    parse its will) instead of answering "unsupported protocol": the link still settles on 3.1.1 and delivers."""
+    spool = Spool(tmp_path / "spool.db", 1_000_000)
+    with EmbeddedBroker(tmp_path / "amqtt") as broker, Subscriber(broker.port, EVENTS) as sub:
+        link = make_link(broker.port, spool)  # protocol "auto": MQTT 5 first
+        link.start()
+        wait_until(lambda: link.connected, "the connection to the 3.1.1-only broker")
+        assert link.stats()["protocol"] == "3.1.1"
+        assert "MQTT 5 refused or hung up: the next attempt uses MQTT 3.1.1" in caplog.text
+        for n in range(8):
+            link.send("cam0/events", event(n), "event")
+        sub.wait_for(lambda m: len(events_of(m)) == 8, what="8 events")
+        assert [e["n"] for e in events_of(sub.messages)] == list(range(8))
+        assert link.stop() is True
     spool.close()
 
 
