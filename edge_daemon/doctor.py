@@ -185,27 +185,23 @@ def check_update_state(config: DaemonConfig) -> Check:
     nothing is written). ok: no update, or an update that verifies; warn: an update the daemon will skip (it fails its
     checks or is gone: the previous model kept for rollback serves instead), a config bundle that changed since the
     last start (it replaces the update), or a state file that cannot be read (set aside at start)."""
-    import json
-
     from deploy.bundle import manifest_sha256, verify_bundle_details
     from deploy.manifest import BundleError
+    from edge_daemon.updater import config_bundle_replaces_update, read_update_state, update_state_path
 
-    path = Path(config.state_dir) / "updates" / "state.json"
-    if not path.is_file():
-        return Check("ok", "update", "none pushed: the config's bundle serves")
+    path = update_state_path(config.state_dir)
     try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-        active = state.get("active")
-        kept = len(state.get("history") or [])
-        if active is not None and not isinstance(active.get("path"), str):
-            raise ValueError("its active update has no path")
-    except (OSError, ValueError, AttributeError, TypeError) as exc:
+        state = read_update_state(path)
+    except ValueError as exc:
         return Check("warn", "update", f"{path} cannot be read ({exc}): set aside at start, the config's bundle serves")
+    if state is None:
+        return Check("ok", "update", "none pushed: the config's bundle serves")
+    active, kept = state.get("active"), len(state.get("history") or [])
     if not active:
         return Check("ok", "update", f"none active: the config's bundle serves ({kept} previous kept for rollback)")
     name = f"{active.get('version')} (sha {str(active.get('sha'))[:12]})"
     try:
-        config_changed = state.get("config_sha") not in (None, manifest_sha256(config.bundle))
+        config_changed = config_bundle_replaces_update(state, manifest_sha256(config.bundle))
     except BundleError:
         config_changed = False  # the bundle line above says why it cannot be read
     if config_changed:

@@ -92,6 +92,39 @@ class UpdateHost(Protocol):
     def engine_build(self, bundle: LoadedBundle) -> str | None: ...  # None: nothing to build; else a failure reason
 
 
+def update_state_path(state_dir: str | Path) -> Path:
+    """Where the updater keeps its state: ``<state_dir>/updates/state.json``."""
+    return Path(state_dir) / "updates" / "state.json"
+
+
+def read_update_state(path: Path) -> dict[str, Any] | None:
+    """The saved update state, or None when there is none. ValueError naming the problem when the file cannot be
+    read, is not JSON, or lacks what start-up relies on (an ``active`` update and ``history`` entries each with a
+    folder ``path``): the daemon sets such a file aside and starts from the config's bundle."""
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(str(exc)) from exc
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    active, history = data.get("active"), data.get("history", [])
+    if not isinstance(history, list):
+        raise ValueError("its history is not a list")
+    for name, entry in [("active update", active), *(("history entry", e) for e in history)]:
+        if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
+            raise ValueError(f"its {name} has no path")
+    return data
+
+
+def config_bundle_replaces_update(state: dict[str, Any], config_sha: str) -> bool:
+    """True when the config's bundle (manifest sha256 ``config_sha`` now) differs from the one seen at the last start
+    while an update is active: the config is the operator's word and wins at this start (``_follow_config_bundle``)."""
+    before = state.get("config_sha")
+    return before is not None and before != config_sha and state.get("active") is not None
+
+
 def _now_iso() -> str:
     return datetime.now().astimezone().isoformat(timespec="seconds")
 
@@ -103,8 +136,8 @@ class Updater:
         self.config = config
         self.host = host
         self.clock = clock
-        self.root = Path(config.state_dir) / "updates"
-        self.state_path = self.root / "state.json"
+        self.state_path = update_state_path(config.state_dir)
+        self.root = self.state_path.parent
         self.state: dict[str, Any] = {
             "active": None,
             "history": [],
@@ -123,13 +156,9 @@ class Updater:
     # ------------------------------------------------------------------ start-up
 
     def _load_state(self) -> None:
-        if not self.state_path.is_file():
-            return
         try:
-            data = json.loads(self.state_path.read_text(encoding="utf-8"))
-            if not isinstance(data, dict):
-                raise ValueError("not a JSON object")
-        except (OSError, ValueError) as exc:
+            data = read_update_state(self.state_path)
+        except ValueError as exc:
             bad = self.state_path.with_suffix(f".bad-{int(time.time())}")
             log.error(
                 "update state %s unreadable (%s): kept as %s, starting from the config's bundle",
@@ -138,6 +167,8 @@ class Updater:
                 bad.name,
             )
             os.replace(self.state_path, bad)
+            return
+        if data is None:
             return
         for key in self.state:
             if key in data:
@@ -193,9 +224,10 @@ class Updater:
         before, active = self.state.get("config_sha"), self.state.get("active")
         if before == now:
             return
+        replaces = config_bundle_replaces_update(self.state, now)
         self.state["config_sha"] = now
         dropped: list[dict[str, Any]] = []
-        if before is not None and active is not None:
+        if replaces and before is not None and active is not None:  # replaces implies both; mypy does not know
             dropped = self._push_history(active)
             self.state["active"] = None
             why = (

@@ -515,3 +515,37 @@ def test_the_start_fallback_chain_tries_each_model_once_and_ends(
     reason = updater.state["last"]["reason"]
     assert reason.startswith("the active update v4") and "the previous model v2" in reason, reason
     assert reason.endswith(f"back on the previous model v1 (sha {'v1' * 6})"), reason
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("{not json", "Expecting property name"),
+        ('["a list"]', "not a JSON object"),
+        ('{"active": "v9", "history": []}', "its active update has no path"),
+        ('{"active": null, "history": [{"version": "v2"}]}', "its history entry has no path"),
+        ('{"active": null, "history": "v2"}', "its history is not a list"),
+    ],
+)
+def test_an_unusable_state_file_is_set_aside_and_the_config_bundle_serves(
+    signed_bottle_bundle: SignedBundle, tmp_path: Path, content: str, why: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A state file edited by hand (or by a tool) into something start-up cannot use is kept aside as evidence and
+    the daemon starts on the config's bundle, instead of dying on a missing key; doctor says the same."""
+    from edge_daemon.config import load_config
+    from edge_daemon.doctor import check_update_state
+    from edge_daemon.updater import Updater
+
+    config_path = write_config(
+        tmp_path, signed_bottle_bundle.path, signed_bottle_bundle.public_key, 1883, [{"id": "cam0", "source": "x.avi"}]
+    )
+    config = load_config(config_path)
+    state_file = tmp_path / "state" / "updates" / "state.json"
+    state_file.parent.mkdir(parents=True)
+    state_file.write_text(content)
+    check = check_update_state(config)
+    assert check.level == "warn" and why in check.detail and "set aside at start" in check.detail, check
+    updater = Updater(config, host=None)  # type: ignore[arg-type]  # start-up never calls the host
+    assert updater.startup_bundle() == Path(config.bundle)
+    assert [p.read_text() for p in state_file.parent.glob("state.bad-*")] == [content]
+    assert why in caplog.text
