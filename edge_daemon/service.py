@@ -279,15 +279,16 @@ class Daemon:
             self.updater.stop()
         stop_cameras(self.cameras.values())  # again: an error path may reach here with cameras running
         if self.link is not None:
+            connected = self.link.connected  # stop() waits for the spool to drain only while connected
             drained = self.link.stop(self.config.drain_timeout_s)
             if not drained and self.spool is not None:
                 n, size = self.spool.depth()
-                log.warning(
-                    "broker not reached in %.0f s: %d message(s) (%d bytes) stay in the spool for the next start",
-                    self.config.drain_timeout_s,
-                    n,
-                    size,
+                why = (
+                    f"the spool did not drain in {self.config.drain_timeout_s:.0f} s"
+                    if connected
+                    else "not connected to the broker"
                 )
+                log.warning("%s: %d message(s) (%d bytes) stay in the spool for the next start", why, n, size)
         if self.spool is not None:
             self.spool.close()
         if self.http is not None:

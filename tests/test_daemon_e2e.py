@@ -7,6 +7,7 @@ holds the bottle's test photographs (good and defective), each for a few frames 
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import time
 from pathlib import Path
@@ -136,7 +137,10 @@ def test_sigkill_with_a_full_spool_replays_after_restart(
                 return []
             with sqlite3.connect(f"file:{spool}?mode=ro", uri=True) as db:
                 rows = db.execute("SELECT * FROM sqlite_master WHERE type='table'").fetchall()
-                table = next(r[1] for r in rows if r[1] not in ("meta", "sqlite_sequence"))
+                tables = [r[1] for r in rows if r[1] not in ("meta", "sqlite_sequence")]
+                if not tables:  # the daemon has created the file but not yet its schema
+                    return []
+                table = tables[0]
                 return [(t, bytes(p)) for t, p in db.execute(f"SELECT topic, payload FROM {table} ORDER BY id")]
 
         wait_until(lambda: sum(t.endswith("/events") for t, _ in spooled()) >= 2, 60, "two events in the spool")
@@ -164,6 +168,38 @@ def test_sigkill_with_a_full_spool_replays_after_restart(
         else:
             assert sent == stored  # crops byte for byte
     events_of(sub.messages)
+
+
+def test_a_clean_exit_with_the_broker_down_keeps_the_spool_for_the_next_start(
+    signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path
+) -> None:
+    """The video ends while the broker is down: the daemon exits 0 without waiting for a broker it is not connected
+    to, says how many messages stay in the spool, and the next start delivers every one of them, flagged replayed."""
+    b = signed_bottle_bundle
+    with Broker(tmp_path / "broker") as broker:
+        broker.stop()
+        config = write_config(tmp_path, b.path, b.public_key, broker.port, [camera(line)])
+        first = Daemon(config)
+        assert first.wait(120) == 0, first.text()[-3000:]
+        kept = re.search(
+            r"not connected to the broker: (\d+) message\(s\) \(\d+ bytes\) stay in the spool", first.text()
+        )
+        assert kept is not None, first.text()[-3000:]
+        opened = first.final_counts()["cam0"]["events_opened"]
+        assert opened >= 1
+        broker.start()
+        with Subscriber(broker.port, f"{PREFIX}/#") as sub:
+            second = Daemon(config)
+            assert second.wait(120) == 0, second.text()[-3000:]
+            sub.wait_for(
+                lambda ms: any(m.topic == f"{PREFIX}/status" and m.payload == b"stopped" for m in ms), 20, "stopped"
+            )
+    events = check_events_and_crops(sub.messages, model_sha(b))
+    replayed = [e for e in events if e.get("replayed")]
+    assert len({e["event_id"] for e in replayed}) == opened, "every event of the first run, once"
+    crops = {e["crop"]["sha256"] for e in replayed if e.get("crop") and e["type"] != "end"}  # an end names its last
+    assert len(replayed) + len(crops) == int(kept.group(1)), "the spool held these events and their crops, no more"
+    assert "stay in the spool" not in second.text()[len(first.text()) :]  # the log file is shared: its second run
 
 
 def test_two_workers_two_cameras(signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path) -> None:
