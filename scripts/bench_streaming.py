@@ -6,9 +6,13 @@ baselines measured in the same run on the same frames.
 
 For each camera count N (every camera plays the same line video of real photographs, losslessly, as fast as it
 is scored):
-- raw backend: ONNX Runtime (one thread, no spinning) on pre-decoded, pre-processed frames, N frames per call;
-- minimal loop: one thread doing decode -> ROI -> preprocess -> backend (N frames per call) -> calibrate, the
-  least a daemon must do;
+- raw backend: ONNX Runtime (one thread, no spinning) on pre-decoded, pre-processed frames, N frames per call,
+  and again at one worker's batch (its share of the cameras, ceil(N / workers) frames per call): the most one
+  single-threaded worker could score, so ``workers`` times it bounds the daemon;
+- minimal loop: one thread doing decode -> ROI -> preprocess -> backend (N frames per call) -> calibrate ->
+  publish, the least a daemon must do; publish as DESIGN.md's hand-written loop did it ("Hot-path facts"): the
+  first anomalous frame of a run sends its ROI as a JPEG crop and a start event, the first normal frame after it
+  an end event, each through a row of a SQLite spool (the daemon's, same settings) that its QoS 1 PUBACK deletes;
 - daemon: the real ``edge-daemon run`` process with a private mosquitto, timed from READY=1 (sd_notify) to its
   "pipeline ended" log line; CPU time and peak RSS of the process over that span from /proc; capture-to-outbox
   latency percentiles from its final log line.
@@ -43,6 +47,9 @@ from private_broker import Broker  # noqa: E402
 from deploy.bundle import verify_bundle_details  # noqa: E402
 from deploy.parity import onnxruntime_runner  # noqa: E402
 from deploy.preprocess import preprocess  # noqa: E402
+from edge_daemon.events import encode_jpeg  # noqa: E402
+from edge_daemon.pipeline import DEFAULT_THRESHOLD  # noqa: E402
+from edge_daemon.spool import Spool  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -82,26 +89,81 @@ def raw_backend_fps(onnx: Path, inputs: np.ndarray, batch: int, seconds: float =
     return n / (time.perf_counter() - t0)
 
 
-def minimal_loop_fps(video: LineVideo, onnx: Path, bundle_dir: Path, cameras: int) -> tuple[float, float]:
-    """(frames/s, CPU cores used) of one thread: decode N cameras -> ROI -> preprocess -> backend -> calibrate."""
+class LoopPublisher:
+    """The minimal loop's publish stage: per camera, the first anomalous frame of a run sends its ROI as a JPEG crop
+    (quality 90, the daemon's default) and a start event, the first normal frame after it an end event. Each message
+    is a row of a SQLite spool (FULL, the daemon's default) before it goes out with QoS 1; its PUBACK deletes it."""
+
+    def __init__(self, port: int, spool_path: Path) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.spool = Spool(spool_path, 64 << 20)
+        self._rows: dict[int, int] = {}  # paho message id -> spool row
+        self._lock = threading.Lock()
+        self._open: dict[int, bool] = {}
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-loop", protocol=mqtt.MQTTv5)
+        self.client.on_publish = self._on_publish
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        with self._lock:
+            row = self._rows.pop(mid, None)
+        if row:
+            self.spool.ack(row)
+
+    def _send(self, topic: str, payload: bytes, kind: str) -> None:
+        row = self.spool.put(topic, payload, kind)
+        with self._lock:  # the PUBACK may come back before publish() returns
+            self._rows[self.client.publish(topic, payload, qos=1).mid] = row
+
+    def frame(self, camera: int, roi: np.ndarray, anomalous: bool, seq: int) -> None:
+        if anomalous == self._open.get(camera, False):
+            return
+        self._open[camera] = anomalous
+        event: dict[str, Any] = {"type": "start" if anomalous else "end", "camera": camera, "frame": seq}
+        if anomalous:
+            crop = encode_jpeg(roi, 90)
+            event["crop"] = {"bytes": len(crop)}
+            self._send(f"bench/loop/cam{camera}/crop", crop, "crop")
+        self._send(f"bench/loop/cam{camera}/events", json.dumps(event).encode(), "event")
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+        self.spool.close()
+
+
+def minimal_loop_fps(
+    video: LineVideo, onnx: Path, bundle_dir: Path, cameras: int, broker_port: int, work: Path
+) -> tuple[float, float]:
+    """(frames/s, CPU cores used) of one thread: decode N cameras -> ROI -> preprocess -> backend -> calibrate ->
+    publish (``LoopPublisher``, to the broker on ``broker_port``, spool in ``work``)."""
     manifest = verify_bundle_details(bundle_dir, [], require_signature=False).manifest
     spec, cal = manifest.input.to_input_spec(), manifest.calibration
     run = onnxruntime_runner(onnx)
     x, y, w, h = video.roi
     caps = [cv2.VideoCapture(str(video.video), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1]) for _ in range(cameras)]
-    n, t0, c0 = 0, time.perf_counter(), time.process_time()
+    work.mkdir(parents=True, exist_ok=True)
+    publisher = LoopPublisher(broker_port, work / "loop-spool.db")
+    n, seq, t0, c0 = 0, 0, time.perf_counter(), time.process_time()
     while True:
-        batch = []
+        rois, batch = [], []
         for cap in caps:
             ok, frame = cap.read()
             if ok:
-                batch.append(preprocess(frame[y : y + h, x : x + w], spec))
+                rois.append(frame[y : y + h, x : x + w])
+                batch.append(preprocess(rois[-1], spec))
         if not batch:
             break
         raw, _ = run(np.stack(batch))
-        cal.normalise(raw)
+        normalised = cal.normalise(raw)
+        for camera, (roi, score) in enumerate(zip(rois, normalised, strict=True)):
+            publisher.frame(camera, roi, bool(score >= DEFAULT_THRESHOLD), seq)
         n += len(batch)
+        seq += 1
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    publisher.close()
     return n / wall, cpu / wall
 
 
@@ -194,14 +256,21 @@ def main() -> None:
             runs = []
             for r in range(args.repeat):
                 raw = raw_backend_fps(onnx, inputs, batch=n)
-                loop_fps, loop_cores = minimal_loop_fps(video, onnx, bundle, n)
+                per_worker = -(-n // workers)  # each worker batches its own cameras only
+                raw_worker = raw if per_worker == n else raw_backend_fps(onnx, inputs, batch=per_worker)
+                loop_work = Path(tmp) / f"loop{n}x{workers}-{r}"
+                with Broker(loop_work / "broker") as broker:
+                    loop_fps, loop_cores = minimal_loop_fps(video, onnx, bundle, n, broker.port, loop_work)
                 d = daemon_run(video, bundle, args.trusted.resolve(), n, workers, Path(tmp) / f"d{n}x{workers}-{r}")
-                runs.append({"raw_fps": raw, "loop_fps": loop_fps, "loop_cores": loop_cores, **d})
+                runs.append(
+                    {"raw_fps": raw, "raw_worker_fps": raw_worker, "loop_fps": loop_fps, "loop_cores": loop_cores, **d}
+                )
                 print(
                     f"{n} camera(s), {workers} worker(s), run {r}: daemon {d['fps']:.0f} fps "
                     f"({d['cpu_cores']:.2f} cores, "
                     f"p50 {d['latency_p50_ms']:.1f} ms, p99 {d['latency_p99_ms']:.1f} ms, {d['rss_mb']:.0f} MB), "
-                    f"loop {loop_fps:.0f} fps ({loop_cores:.2f} cores), raw backend {raw:.0f} fps",
+                    f"loop {loop_fps:.0f} fps ({loop_cores:.2f} cores), raw backend {raw:.0f} fps "
+                    f"({raw_worker:.0f} at a worker's batch of {per_worker})",
                     flush=True,
                 )
             med = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
@@ -218,6 +287,7 @@ def main() -> None:
                     "daemon_fps": med["fps"],
                     "loop_fps": med["loop_fps"],
                     "raw_fps": med["raw_fps"],
+                    "raw_worker_fps": med["raw_worker_fps"],
                     "daemon_vs_loop": med["fps"] / med["loop_fps"],
                     "daemon_vs_raw": med["fps"] / med["raw_fps"],
                     "daemon_cores": med["cpu_cores"],

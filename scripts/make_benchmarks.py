@@ -297,6 +297,7 @@ STREAMING_OPTIONAL: dict[str, Callable[[Any], str | None]] = {
     "daemon_vs_loop": _nonneg_number,
     "daemon_vs_raw": _nonneg_number,
     "daemon_vs_loop_per_core": _nonneg_number,
+    "raw_worker_fps": _nonneg_number,  # the raw backend at one worker's batch, ceil(cameras / workers)
 }
 
 
@@ -666,7 +667,8 @@ def _throughput_table(records: Sequence[Record]) -> list[str]:
 
 def _streaming_table(records: Sequence[Record]) -> list[str]:
     """Rows = (model, cameras x workers): frames/s of the daemon, the minimal loop and the raw backend."""
-    header = ["model", "px", "cameras", "workers", "daemon fps", "loop fps", "raw fps", "daemon/loop"]
+    header = ["model", "px", "cameras", "workers", "daemon fps", "loop fps", "raw fps", "raw fps, worker batch"]
+    header += ["daemon/loop"]
     header += ["daemon/loop per core", "daemon cores", "p50 ms", "p99 ms", "RSS MB"]
     rows: list[list[str]] = []
     for rec in sorted(records, key=lambda r: (r.data["model"], r.data["cameras"], r.data["workers"])):
@@ -681,6 +683,7 @@ def _streaming_table(records: Sequence[Record]) -> list[str]:
                 f"{d['daemon_fps']:.0f}",
                 f"{d['loop_fps']:.0f}",
                 f"{d['raw_fps']:.0f}",
+                f"{d['raw_worker_fps']:.0f}" if "raw_worker_fps" in d else "-",
                 f"{d['daemon_fps'] / d['loop_fps']:.2f}x",
                 f"{per_core:.2f}x",
                 f"{d['daemon_cores']:.2f}",
@@ -692,7 +695,9 @@ def _streaming_table(records: Sequence[Record]) -> list[str]:
     return _table(header, rows) + [
         "",
         "Cells: medians of the runs; fps = frames scored per second of wall time (all cameras together); cores = "
-        "CPU-seconds per second; latency = capture to outbox, per frame.",
+        "CPU-seconds per second; latency = capture to outbox, per frame; raw fps = ONNX Runtime alone with all "
+        "cameras' frames in one call, and at one worker's batch (its share of the cameras): workers x that is the "
+        "most the daemon could score.",
     ]
 
 

@@ -394,7 +394,12 @@ def test_streaming_records_have_their_own_table(tmp_path: Path, results: Path) -
     section = text.split("## streaming", 1)[1]
     row = next(r for r in (ln.split("|") for ln in section.splitlines()) if len(r) > 5 and r[1].strip() == "ae")
     cells = [c.strip() for c in row[1:-1]]
-    assert cells[4:9] == ["300", "200", "210", "1.50x", "0.75x"]  # per core: (300 / 2) / (200 / 1)
+    assert cells[4:10] == ["300", "200", "210", "-", "1.50x", "0.75x"]  # per core: (300 / 2) / (200 / 1)
+    (results / "streaming.json").write_text(json.dumps([{**rec, "raw_worker_fps": 190.0}]))
+    assert _run(tmp_path).returncode == 0
+    section = (tmp_path / "bench.md").read_text().split("## streaming", 1)[1]
+    row = next(r for r in (ln.split("|") for ln in section.splitlines()) if len(r) > 5 and r[1].strip() == "ae")
+    assert [c.strip() for c in row[1:-1]][6:8] == ["210", "190"]  # all cameras in one call; one worker's batch
     del rec["rss_mb"]
     (results / "streaming.json").write_text(json.dumps([rec]))
     proc = _run(tmp_path)
