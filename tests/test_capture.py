@@ -659,9 +659,6 @@ def test_http_camera_goes_offline_and_comes_back(bottle_images: list[np.ndarray]
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 RTSP_SERVER = Path(__file__).with_name("rtsp_server.py")
-RTSP_PACKAGES = (  # the Makefile's rtsp-server target installs the same
-    "python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad"
-)
 
 
 class RtspServer:
@@ -687,7 +684,7 @@ class RtspServer:
         if line != "ready":
             rest = self.proc.communicate(timeout=10)[0]
             missing = any(m in rest for m in ("GstRtspServer", "No module named 'gi'", "elements missing"))
-            hint = f" (install the server's packages: apt-get install {RTSP_PACKAGES})" if missing else ""
+            hint = " (Debian packages missing: `make rtsp-server` installs or names them)" if missing else ""
             raise AssertionError(f"the RTSP server did not start{hint}: {line} {rest}")
 
     def stop(self) -> None:
