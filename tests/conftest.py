@@ -34,6 +34,26 @@ def mnist_easy(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# A real fixed camera's recording (DESIGN.md, offline data): OpenCV's vtest.avi from Debian's opencv-doc package,
+# 795 frames of 768x576 at 10 fps, MPEG-4 part 2 ("MP43"): a still, paved square that people walk across.
+VTEST_PACKAGE = "opencv-doc"
+VTEST_DIR = "usr/share/doc/opencv-doc/examples/data"
+VTEST_SHA256 = "45cddc9490be69345cbdab64ca583be65987e864ca408038e648db99e10516cf"
+
+
+@pytest.fixture(scope="session")
+def fixed_camera_video() -> Path:
+    """vtest.avi, sha256-checked: cached in the trainer's download cache (one 96 MB ``apt-get download`` at most)."""
+    from trainer.datasets.cache import debian_files, default_cache_dir
+
+    cache_dir = default_cache_dir()
+    advice = f"run `apt-get update` and retry (a real camera recording from Debian's {VTEST_PACKAGE})"
+    files = debian_files(
+        VTEST_PACKAGE, VTEST_DIR, {"vtest.avi": VTEST_SHA256}, cache_dir / VTEST_PACKAGE, cache_dir, advice
+    )
+    return files["vtest.avi"]
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread() -> Iterator[None]:
     """One torch intra-op thread for a test module: on a busy 2-core machine two threads contend

@@ -5,7 +5,10 @@ cheap: it looks at a strided grey sample of about 32 rows (a view plus one small
 full frame). Strided samples keep each pixel's sensor noise, which is what tells a live camera
 watching a still scene (noise changes every sample a little) from a frozen one (samples identical
 to the bit, or within ``frozen_tolerance`` for decoder rounding); an area-averaged thumbnail would
-average that noise away and call still scenes frozen.
+average that noise away and call still scenes frozen. Measured on a real fixed camera's MPEG-4 recording
+(OpenCV's vtest.avi, everything that moves frozen at its first frame, the still background left as
+recorded; tests/test_camera_health.py): the strided sample never comes within the tolerance of the frame
+before, where a 43x32 area thumbnail stays "identical" for 219 consecutive frames.
 
 Reason codes (the camera's status ``reason`` when ``degraded``): ``black``, ``saturated``,
 ``frozen``, ``low_fps``; when several hold, the first in that order is reported.

@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,6 +195,58 @@ def cached_verified(path: Path, sha256: str) -> bool:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
     return False
+
+
+def debian_files(
+    package: str, deb_dir: str, files: Mapping[str, str], target: Path, cache_dir: Path, advice: str
+) -> dict[str, Path]:
+    """The files ``files`` (name -> sha256) that Debian package ``package`` ships in ``/deb_dir``, each checked.
+
+    From ``target`` when cached there, else from the installed package, else ``apt-get download`` into
+    ``cache_dir/downloads`` and only those members read out of the .deb (``dpkg-deb --fsys-tarfile``) into
+    ``target``. Raises UserError ending with ``advice`` when the package cannot be fetched, read or lacks a file.
+    """
+    if all(cached_verified(target / n, sha) for n, sha in files.items()):
+        return {n: target / n for n in files}
+    system = {n: Path("/") / deb_dir / n for n in files}
+    if all(_check_sha(p, files[n]) for n, p in system.items()):
+        return system  # the package is installed
+    downloads = cache_dir / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    debs = sorted(downloads.glob(f"{package}_*.deb"))
+    if not debs:
+        run_command(
+            ["apt-get", "download", package],
+            cwd=downloads,
+            what=f"downloading the Debian package {package}",
+            advice=advice,
+        )
+        debs = sorted(downloads.glob(f"{package}_*.deb"))
+        if not debs:
+            raise UserError(f"`apt-get download {package}` left no .deb in {downloads}; {advice}")
+    deb = debs[-1]
+    wanted = {f"./{deb_dir}/{n}": n for n in files}
+    found: dict[str, bytes] = {}
+    try:
+        with (
+            subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE) as proc,
+            tarfile.open(fileobj=proc.stdout, mode="r|*") as tar,
+        ):
+            for member in tar:
+                name = wanted.get(member.name)
+                reader = tar.extractfile(member) if name is not None else None
+                if name is not None and reader is not None:
+                    found[name] = reader.read()
+    except FileNotFoundError:
+        raise UserError(f"unpacking {deb.name}: `dpkg-deb` is not available on this machine; {advice}") from None
+    except tarfile.TarError as exc:
+        raise UserError(f"{deb.name} cannot be read ({exc}): delete it and retry") from None
+    for n, sha in files.items():
+        if n not in found:
+            why = f"`dpkg-deb` exited with {proc.returncode}" if proc.returncode else f"it holds no {deb_dir}/{n}"
+            raise UserError(f"{deb.name} cannot be used ({why}): delete it and retry")
+        write_verified(target / n, found[n], sha, f"{n} from {deb.name}")
+    return {n: target / n for n in files}
 
 
 # ---------------------------------------------------------------------------------------------

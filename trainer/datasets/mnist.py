@@ -13,7 +13,7 @@ Sources (offline, pinned by sha256):
   validation 10,000, test 10,000), each (float32 [n, 784], int64 [n]); train + validation are
   the official 60,000 training images, in that order.
 - Fashion-MNIST: the idx files of Debian's ``dataset-fashion-mnist`` package
-  (``apt-get download`` + ``dpkg-deb -x``), or of the installed package.
+  (``apt-get download``, the members read with ``dpkg-deb --fsys-tarfile``), or of the installed package.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import gzip
 import pickle
 import struct
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,7 +40,6 @@ MNIST_PICKLE_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d7
 
 FASHION_PACKAGE = "dataset-fashion-mnist"
 FASHION_DEB_DIR = "usr/share/datasets/fashion-mnist"
-FASHION_SYSTEM_DIR = Path("/") / FASHION_DEB_DIR
 FASHION_FILES = {
     "train-images-idx3-ubyte.gz": "b0564c3eedabfbf835052cff8503ea422014ce006caf5b757f851416ee8300c7",
     "train-labels-idx1-ubyte.gz": "0ae29f65d86684f32d1b9c85147786c547b9c6aebcaf235f0400a0cce308b056",
@@ -176,43 +174,15 @@ def load_mnist(path: Path) -> Splits:
 
 def fashion_files(cache_dir: Path) -> dict[str, Path]:
     """The four sha256-checked Fashion-MNIST idx files: from ``cache_dir/fashion-mnist``, else the
-    installed Debian package, else ``apt-get download`` + ``dpkg-deb -x`` into the cache.
+    installed Debian package, else ``apt-get download`` + the members read out of the .deb into the cache.
     Raises UserError (saying to run ``apt-get update`` or install the package) when that fails."""
-    target = cache_dir / "fashion-mnist"
-    if all(cache.cached_verified(target / n, sha) for n, sha in FASHION_FILES.items()):
-        return {n: target / n for n in FASHION_FILES}
-    system = {n: FASHION_SYSTEM_DIR / n for n in FASHION_FILES}
-    if all(p.is_file() and cache.sha256_file(p) == FASHION_FILES[n] for n, p in system.items()):
-        return system  # the package is installed
-    downloads = cache_dir / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
     advice = (
         f"run `apt-get update` (or `apt-get install {FASHION_PACKAGE}`) and retry; "
         "Fashion-MNIST comes from Debian's package"
     )
-    debs = sorted(downloads.glob(f"{FASHION_PACKAGE}_*.deb"))
-    if not debs:
-        cache.run_command(
-            ["apt-get", "download", FASHION_PACKAGE],
-            cwd=downloads,
-            what=f"downloading the Debian package {FASHION_PACKAGE}",
-            advice=advice,
-        )
-        debs = sorted(downloads.glob(f"{FASHION_PACKAGE}_*.deb"))
-        if not debs:
-            raise UserError(f"`apt-get download {FASHION_PACKAGE}` left no .deb in {downloads}; {advice}")
-    with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        cache.run_command(
-            ["dpkg-deb", "-x", str(debs[-1]), tmp],
-            what=f"unpacking {debs[-1].name}",
-            advice=f"delete {debs[-1]} and retry (dpkg-deb is part of Debian's dpkg)",
-        )
-        for n, sha in FASHION_FILES.items():
-            member = Path(tmp) / FASHION_DEB_DIR / n
-            if not member.is_file():
-                raise UserError(f"{debs[-1].name} holds no {FASHION_DEB_DIR}/{n}; delete it and retry")
-            cache.write_verified(target / n, member.read_bytes(), sha, f"{n} from {debs[-1].name}")
-    return {n: target / n for n in FASHION_FILES}
+    return cache.debian_files(
+        FASHION_PACKAGE, FASHION_DEB_DIR, FASHION_FILES, cache_dir / "fashion-mnist", cache_dir, advice
+    )
 
 
 def _read_idx(path: Path, magic: int, dims: int) -> np.ndarray:
