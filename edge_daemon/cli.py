@@ -30,6 +30,13 @@ def run(
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run the daemon until SIGTERM (or until every file source has ended)."""
+    try:  # OpenCV is not a dependency of the daemon extra (a Jetson has JetPack's): say so, not a traceback
+        import cv2  # noqa: F401
+    except ImportError as exc:
+        from edge_daemon.doctor import OPENCV_HINT
+
+        typer.echo(f"error: OpenCV (cv2) cannot be imported ({exc}): {OPENCV_HINT}", err=True)
+        raise typer.Exit(3) from None
     from edge_daemon.service import run_daemon
 
     _setup_logging(log_level)

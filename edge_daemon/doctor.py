@@ -19,6 +19,10 @@ if TYPE_CHECKING:
     from edge_daemon.config import DaemonConfig
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+OPENCV_HINT = (
+    "on a Jetson use JetPack's OpenCV (a venv made with --system-site-packages sees it), elsewhere install the "
+    "'opencv' extra: pip install 'edge-inspect[daemon,opencv]'"
+)
 
 
 @dataclass(frozen=True)
@@ -35,9 +39,7 @@ def _opencv() -> tuple[dict[str, Any], list[Check]]:
     try:
         import cv2
     except ImportError as exc:
-        return {"opencv": None}, [
-            Check("FAIL", "opencv", f"cv2 cannot be imported ({exc}); install JetPack's OpenCV or the 'opencv' extra")
-        ]
+        return {"opencv": None}, [Check("FAIL", "opencv", f"cv2 cannot be imported ({exc}); {OPENCV_HINT}")]
     info = cv2.getBuildInformation()
 
     def has(name: str) -> bool:

@@ -144,6 +144,28 @@ def test_doctor_reports_the_device(tmp_path: Path) -> None:
     assert any(ln.startswith("FAIL  bundle") for ln in res.stdout.splitlines()), res.stdout
 
 
+def test_the_daemon_extra_leaves_opencv_to_the_device_and_run_says_when_it_is_missing(tmp_path: Path) -> None:
+    """DESIGN.md: a pip OpenCV wheel would hide JetPack's (GStreamer, hardware decoders), so the `daemon` extra does
+    not pull one; `run` on a device without any cv2 is one line naming both ways to get it, exit 3 (a capability
+    missing), before the config is even read."""
+    import tomllib
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = extras["optional-dependencies"]
+    assert not [r for r in extras["daemon"] if "opencv" in r.lower()]
+    assert [r for r in extras["opencv"] if r.startswith("opencv-python-headless")]
+    blocker = tmp_path / "no-opencv"
+    blocker.mkdir()
+    (blocker / "cv2.py").write_text("raise ImportError(\"No module named 'cv2'\", name='cv2')\n")
+    res = cli("run", "--config", tmp_path / "absent.yaml", env={"PYTHONPATH": str(blocker)})
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr
+    assert "OpenCV (cv2) cannot be imported" in res.stderr and "JetPack's OpenCV" in res.stderr
+    assert "edge-inspect[daemon,opencv]" in res.stderr
+    res = cli("doctor", env={"PYTHONPATH": str(blocker)})
+    assert res.returncode == 1 and any(ln.startswith("FAIL  opencv") for ln in res.stdout.splitlines()), res.stdout
+
+
 def test_doctor_says_which_model_the_daemon_will_start_on(signed_bottle_bundle: SignedBundle, tmp_path: Path) -> None:
     """The "update" line: none pushed, a pushed update that serves, one that will be skipped, a config changed by hand
     since (it wins), and a state file that cannot be read. Doctor only reads: the state file is never changed."""
