@@ -30,13 +30,12 @@ def run(
     log_level: str = typer.Option("info", help="debug, info, warning or error"),
 ) -> None:
     """Run the daemon until SIGTERM (or until every file source has ended)."""
-    try:  # OpenCV is not a dependency of the daemon extra (a Jetson has JetPack's): say so, not a traceback
-        import cv2  # noqa: F401
-    except ImportError as exc:
-        from edge_daemon.doctor import OPENCV_HINT
+    from edge_daemon.doctor import opencv_import_problem
 
-        typer.echo(f"error: OpenCV (cv2) cannot be imported ({exc}): {OPENCV_HINT}", err=True)
-        raise typer.Exit(3) from None
+    problem = opencv_import_problem()  # not in the daemon extra (a Jetson has JetPack's): a line, not a traceback
+    if problem is not None:
+        typer.echo(f"error: {problem}", err=True)
+        raise typer.Exit(3)
     from edge_daemon.service import run_daemon
 
     _setup_logging(log_level)

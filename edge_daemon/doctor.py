@@ -25,6 +25,32 @@ OPENCV_HINT = (
 )
 
 
+def opencv_import_problem() -> str | None:
+    """None when ``import cv2`` works; else one line saying why not and what to do.
+
+    An OpenCV built against NumPy 1.x (JetPack 6's is) cannot load under NumPy 2, which pip puts into a venv that
+    asks for a newer NumPy than the system's: that failure is named, with its fix, and NumPy's own multi-line
+    warning about it is kept off the terminal.
+    """
+    import contextlib
+    import io
+
+    noise = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(noise):
+            import cv2  # noqa: F401
+    except ImportError as exc:
+        if "numpy" in f"{exc} {noise.getvalue()}".lower():
+            import numpy
+
+            return (
+                f"OpenCV (cv2) cannot be imported ({exc}): it was built against NumPy 1.x and this environment has "
+                f"NumPy {numpy.__version__}; install 'numpy<2' here (pip install 'numpy<2')"
+            )
+        return f"OpenCV (cv2) cannot be imported ({exc}): {OPENCV_HINT}"
+    return None
+
+
 @dataclass(frozen=True)
 class Check:
     level: str  # ok | warn | FAIL
@@ -36,10 +62,11 @@ class Check:
 
 
 def _opencv() -> tuple[dict[str, Any], list[Check]]:
-    try:
-        import cv2
-    except ImportError as exc:
-        return {"opencv": None}, [Check("FAIL", "opencv", f"cv2 cannot be imported ({exc}); {OPENCV_HINT}")]
+    problem = opencv_import_problem()
+    if problem is not None:
+        return {"opencv": None}, [Check("FAIL", "opencv", problem)]
+    import cv2
+
     info = cv2.getBuildInformation()
 
     def has(name: str) -> bool:

@@ -166,6 +166,44 @@ def test_the_daemon_extra_leaves_opencv_to_the_device_and_run_says_when_it_is_mi
     assert res.returncode == 1 and any(ln.startswith("FAIL  opencv") for ln in res.stdout.splitlines()), res.stdout
 
 
+# A real OpenCV built against NumPy 1.x, as JetPack 6's is: the last opencv-python-headless wheel before NumPy 2.
+NUMPY1_OPENCV = "opencv-python-headless==4.8.0.76"
+NUMPY1_OPENCV_WHEEL = "opencv_python_headless-4.8.0.76-cp37-abi3-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
+NUMPY1_OPENCV_SHA256 = "220d2e292fa45ef0582aab730460bbc15cfe61f2089208167a372ccf76f01e21"
+
+
+@pytest.fixture(scope="module")
+def numpy1_opencv(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding that wheel's cv2, to put first on PYTHONPATH (the wheel is cached in the trainer's cache)."""
+    import platform
+    import zipfile
+
+    import numpy
+
+    from trainer.datasets.cache import default_cache_dir, fetch_wheel
+
+    if platform.machine() != "x86_64" or not numpy.__version__.startswith("2."):
+        pytest.skip(f"needs x86_64 and NumPy 2 (here {platform.machine()}, NumPy {numpy.__version__})")
+    wheel = fetch_wheel(NUMPY1_OPENCV, NUMPY1_OPENCV_WHEEL, NUMPY1_OPENCV_SHA256, default_cache_dir())
+    folder = tmp_path_factory.mktemp("numpy1-opencv")
+    with zipfile.ZipFile(wheel) as zf:
+        zf.extractall(folder)
+    return folder
+
+
+def test_an_opencv_built_for_numpy_1_is_named_with_its_fix(numpy1_opencv: Path, tmp_path: Path) -> None:
+    """JetPack 6's OpenCV under the NumPy 2 that pip put into the venv: `run` and `doctor` say so in one line with
+    the fix ('numpy<2'), without NumPy's own multi-line warning and traceback."""
+    env = {"PYTHONPATH": str(numpy1_opencv)}
+    res = cli("run", "--config", tmp_path / "absent.yaml", env=env)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert "built against NumPy 1.x" in res.stderr and "numpy<2" in res.stderr, res.stderr
+    assert "Traceback" not in res.stderr and "A module that was compiled" not in res.stderr, res.stderr
+    res = cli("doctor", env=env)
+    fail = [ln for ln in res.stdout.splitlines() if ln.startswith("FAIL  opencv")]
+    assert res.returncode == 1 and fail and "numpy<2" in fail[0], res.stdout + res.stderr
+
+
 def test_doctor_says_which_model_the_daemon_will_start_on(signed_bottle_bundle: SignedBundle, tmp_path: Path) -> None:
     """The "update" line: none pushed, a pushed update that serves, one that will be skipped, a config changed by hand
     since (it wins), and a state file that cannot be read. Doctor only reads: the state file is never changed."""
