@@ -25,6 +25,39 @@ OPENCV_HINT = (
 )
 
 
+def overlapping_installs(module: str) -> list[str]:
+    """The pip distributions ("name version") that each install the top-level package ``module``, when more than
+    one does (else []): pip puts them into the same folder, over each other's files, and which one's code runs is an
+    accident of install order. Known cases: onnxruntime with onnxruntime-gpu (the GPU providers vanish), and
+    opencv-python with opencv-python-headless."""
+    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+
+    names = sorted(set(packages_distributions().get(module, [])), key=str.lower)
+    if len(names) < 2:
+        return []
+    found = []
+    for name in names:
+        try:
+            found.append(f"{name} {version(name)}")
+        except PackageNotFoundError:
+            found.append(name)
+    return found
+
+
+def _overlap_check(module: str, what: str) -> list[Check]:
+    found = overlapping_installs(module)
+    if not found:
+        return []
+    return [
+        Check(
+            "warn",
+            what,
+            f"'{module}' is installed by {len(found)} distributions over each other ({', '.join(found)}): "
+            f"pip uninstall all of them, then install the one this device should use",
+        )
+    ]
+
+
 def opencv_import_problem() -> str | None:
     """None when ``import cv2`` works; else one line saying why not and what to do.
 
@@ -81,7 +114,10 @@ def _opencv() -> tuple[dict[str, Any], list[Check]]:
         "ffmpeg": ffmpeg,
         "v4l2": v4l,
     }
-    checks = [Check("ok", "opencv", f"{cv2.__version__} from {Path(cv2.__file__).parent}")]
+    checks = [
+        Check("ok", "opencv", f"{cv2.__version__} from {Path(cv2.__file__).parent}"),
+        *_overlap_check("cv2", "opencv"),
+    ]
     checks.append(
         Check(
             "ok" if ffmpeg else "warn",
@@ -112,7 +148,8 @@ def _onnxruntime() -> tuple[dict[str, Any], list[Check]]:
         return {"onnxruntime": None}, [Check("FAIL", "onnxruntime", f"not importable ({exc})")]
     providers = list(ort.get_available_providers())
     return {"onnxruntime": ort.__version__, "providers": providers}, [
-        Check("ok", "onnxruntime", f"{ort.__version__}, providers {', '.join(providers)}")
+        Check("ok", "onnxruntime", f"{ort.__version__}, providers {', '.join(providers)}"),
+        *_overlap_check("onnxruntime", "onnxruntime"),
     ]
 
 

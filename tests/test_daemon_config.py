@@ -204,6 +204,24 @@ def test_an_opencv_built_for_numpy_1_is_named_with_its_fix(numpy1_opencv: Path, 
     assert res.returncode == 1 and fail and "numpy<2" in fail[0], res.stdout + res.stderr
 
 
+def test_doctor_warns_when_two_distributions_install_onnxruntime(tmp_path: Path) -> None:
+    """onnxruntime-gpu (a Jetson's or GPU box's) with the daemon extra's onnxruntime installed over it: one folder,
+    two owners, the GPU providers gone. The second owner here is the record pip leaves of an install (its
+    .dist-info), on the path as a second site folder."""
+    site = tmp_path / "site"
+    info = site / "onnxruntime_gpu-1.20.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.20.0\n")
+    (info / "top_level.txt").write_text("onnxruntime\n")
+    (info / "RECORD").write_text("onnxruntime/__init__.py,,\n")
+    res = cli("doctor")
+    assert not [ln for ln in res.stdout.splitlines() if "distributions over each other" in ln], res.stdout
+    res = cli("doctor", env={"PYTHONPATH": str(site)})
+    warn = [ln for ln in res.stdout.splitlines() if ln.startswith("warn  onnxruntime")]
+    assert warn and "installed by 2 distributions" in warn[0] and "onnxruntime-gpu 1.20.0" in warn[0], res.stdout
+    assert res.returncode == 0  # a warning, not a failure: the daemon runs, maybe without its GPU providers
+
+
 def test_doctor_says_which_model_the_daemon_will_start_on(signed_bottle_bundle: SignedBundle, tmp_path: Path) -> None:
     """The "update" line: none pushed, a pushed update that serves, one that will be skipped, a config changed by hand
     since (it wins), and a state file that cannot be read. Doctor only reads: the state file is never changed."""
