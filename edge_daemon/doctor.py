@@ -6,9 +6,11 @@ configured). ``runtime_facts`` is the same inventory as data, for the retained P
 
 from __future__ import annotations
 
+import functools
 import re
 import socket
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,14 +27,22 @@ OPENCV_HINT = (
 )
 
 
+@functools.lru_cache(maxsize=1)
+def _package_owners() -> Mapping[str, list[str]]:
+    """importlib.metadata.packages_distributions, read once per process (0.1-0.2 s: P/info asks on every connect)."""
+    from importlib.metadata import packages_distributions
+
+    return packages_distributions()
+
+
 def overlapping_installs(module: str) -> list[str]:
     """The pip distributions ("name version") that each install the top-level package ``module``, when more than
     one does (else []): pip puts them into the same folder, over each other's files, and which one's code runs is an
     accident of install order. Known cases: onnxruntime with onnxruntime-gpu (the GPU providers vanish), and
     opencv-python with opencv-python-headless."""
-    from importlib.metadata import PackageNotFoundError, packages_distributions, version
+    from importlib.metadata import PackageNotFoundError, version
 
-    names = sorted(set(packages_distributions().get(module, [])), key=str.lower)
+    names = sorted(set(_package_owners().get(module, [])), key=str.lower)
     if len(names) < 2:
         return []
     found = []
