@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from tests.bundle_factory import PREBUILT_ENV, SignedBundle, copy_prebuilt, make_signed_bottle_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 # Real inspection images (../shared/data beside the checkout); never copied into the repository.
@@ -66,44 +67,15 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-@dataclass(frozen=True)
-class SignedBundle:
-    path: Path  # bundle folder
-    public_key: Path  # the key it is signed with (trust it)
-    private_key: Path
-
-
 @pytest.fixture(scope="session")
 def signed_bottle_bundle(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> SignedBundle:
-    """A real detector: a small AE trained 15 epochs on the MVTec bottle train/good images (32 px, about 5 s of CPU;
-    image AUROC about 0.8), exported as a bundle signed with a fresh key. For the daemon's tests."""
-    import torch
-
-    from deploy.signing import generate_keypair
-    from trainer.export import export_run
-    from trainer.train import TrainOptions, train
-
+    """A real detector for the daemon's tests (tests/bundle_factory.py): trained here, or copied from the folder
+    that $EDGE_INSPECT_TEST_BUNDLE names (built ahead by `python -m tests.bundle_factory`, for a run without torch)."""
     root = tmp_path_factory.mktemp("bottle-bundle")
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        train(
-            TrainOptions(
-                model="ae",
-                data=shared_data / "mvtec_bottle",
-                out=root / "run",
-                epochs=15,
-                batch_size=16,
-                image_size=32,
-                device="cpu",
-                model_options={"base_channels": 16, "latent": 32},
-            )
-        )
-        private, public = generate_keypair(root / "keys" / "line")
-        export_run(root / "run", root / "bundle", sign_key=private)
-    finally:
-        torch.set_num_threads(before)
-    return SignedBundle(root / "bundle", public, private)
+    prebuilt = os.environ.get(PREBUILT_ENV)
+    if prebuilt:
+        return copy_prebuilt(Path(prebuilt), root)
+    return make_signed_bottle_bundle(shared_data, root)
 
 
 @pytest.fixture(autouse=True)
