@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import io
 import json
 import re
 import sys
@@ -48,13 +49,21 @@ from deploy.durable import write_bytes_atomic
 from deploy.manifest import BundleError, FileEntry, Manifest, canonical_bytes, sha256_file
 from deploy.parity import ParityReport, check_parity, load_golden
 
+# Why an INSTALLED tensorrt module does not import (None when it imports or is simply absent): a missing
+# libnvinfer, or a build against NumPy 1.x under NumPy 2 (JetPack 6's), must not read as "not installed".
+TENSORRT_IMPORT_ERROR: str | None = None
 try:
-    import tensorrt as trt
+    with contextlib.redirect_stderr(io.StringIO()) as _import_noise:  # NumPy's multi-line ABI warning, if any
+        import tensorrt as trt
 
     if not hasattr(trt, "Builder"):  # tensorrt-stubs alone leaves an importable, empty namespace package
         trt = None  # type: ignore[assignment]
-except ImportError:  # TensorRT is only on devices and workstations with NVIDIA's stack
+except ImportError as _exc:  # TensorRT is only on devices and workstations with NVIDIA's stack
     trt = None  # type: ignore[assignment]
+    if not (isinstance(_exc, ModuleNotFoundError) and _exc.name == "tensorrt"):
+        TENSORRT_IMPORT_ERROR = str(_exc)
+        if "numpy" in f"{_exc} {_import_noise.getvalue()}".lower():
+            TENSORRT_IMPORT_ERROR += "; it was built against NumPy 1.x: install 'numpy<2'"
 
 EnginePrecision = Literal["fp16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("fp16", "fp32")
@@ -294,12 +303,17 @@ class DeviceInfo:
     compute_capability: str | None  # "8.7" (GPU 0)
     gpu_name: str | None
     l4t_release: str | None  # "36.3.0" from /etc/nv_tegra_release on a Jetson
+    tensorrt_error: str | None = None  # why an installed tensorrt module fails to import
 
     def missing(self) -> list[str]:
         """What TensorRT needs and this device lacks, in words (empty when nothing is missing)."""
         out = []
         if self.tensorrt_version is None:
-            out.append("the tensorrt Python module (not installed)")
+            out.append(
+                f"a working tensorrt Python module (it is installed but fails to import: {self.tensorrt_error})"
+                if self.tensorrt_error
+                else "the tensorrt Python module (not installed)"
+            )
         if self.compute_capability is None:
             out.append("a CUDA GPU (no NVIDIA driver library or no device)")
         return out
@@ -390,6 +404,7 @@ def probe_device() -> DeviceInfo:
         compute_capability=cc,
         gpu_name=name,
         l4t_release=read_l4t_release(),
+        tensorrt_error=TENSORRT_IMPORT_ERROR,
     )
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -279,6 +282,33 @@ def test_unavailable_message_names_what_is_missing() -> None:
     with pytest.raises(TensorRTUnavailable, match=r"missing the tensorrt Python module \(not installed\)$"):
         engines.require_tensorrt(dataclasses.replace(JETSON, tensorrt_version=None))
     assert engines.require_tensorrt(JETSON) is JETSON
+
+
+@pytest.mark.skipif(HAS_TRT, reason="TensorRT and a GPU are present here")
+def test_an_installed_tensorrt_that_fails_to_import_is_not_called_absent(tmp_path: Path) -> None:
+    """A device whose tensorrt module is there but cannot load (its libnvinfer gone after a partial JetPack upgrade,
+    or a build against NumPy 1.x under NumPy 2) gets that reason, not "not installed". The broken module is a
+    package on PYTHONPATH that raises what TensorRT's own __init__ raises when libnvinfer cannot be opened."""
+    broken = tmp_path / "tensorrt"
+    broken.mkdir()
+    (broken / "__init__.py").write_text(
+        'raise ImportError("libnvinfer.so.10: cannot open shared object file: No such file or directory")\n'
+    )
+    code = "from deploy.engines import probe_device; print(probe_device().missing()[0])"
+
+    def first_missing(pythonpath: str | None) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | (
+            {"PYTHONPATH": pythonpath} if pythonpath else {}
+        )
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0 and not out.stderr, out.stderr
+        return out.stdout.strip()
+
+    assert first_missing(str(tmp_path)) == (
+        "a working tensorrt Python module (it is installed but fails to import: libnvinfer.so.10: cannot open shared "
+        "object file: No such file or directory)"
+    )
+    assert first_missing(None) == "the tensorrt Python module (not installed)"
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT and a GPU are present here")
