@@ -84,14 +84,16 @@ PY310 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.10*/bin/python3.10) $(
 PY310_TESTS = tests/test_bundle.py tests/test_camera_health.py tests/test_capture.py tests/test_deploy_cli.py \
 	tests/test_download.py tests/test_durable.py tests/test_engines.py tests/test_events.py tests/test_mqtt_link.py \
 	tests/test_signing.py tests/test_spool.py tests/test_systemd_unit.py tests/test_daemon_bundle.py \
-	tests/test_daemon_config.py tests/test_daemon_e2e.py tests/test_daemon_service.py tests/test_push.py
+	tests/test_daemon_config.py tests/test_daemon_e2e.py tests/test_daemon_service.py tests/test_daemon_updates.py \
+	tests/test_push.py
 test-py310: install mosquitto rtsp-server
 	@if [ -z "$(PY310)" ] || ! $(PY310) -c '' 2>/dev/null; then \
 	  echo "test-py310: no working Python 3.10 on this machine: not run (ruff and mypy still check 3.10)"; exit 0; fi; \
 	set -e; test -x .venv310/bin/python || $(PY310) -m venv .venv310; \
 	.venv310/bin/python -m pip install -q --disable-pip-version-check -e ".[daemon,opencv,push,demo,dev]"; \
 	.venv310/bin/python -c 'import sys; assert sys.version_info[:2] == (3, 10), sys.version'; \
-	$(BIN)/python -m tests.bundle_factory .cache/py310-bundle >/dev/null; \
+	$(BIN)/python -m tests.bundle_factory .cache/py310-bundle >.cache/py310-bundle.log 2>&1 || \
+	  { cat .cache/py310-bundle.log; echo "test-py310: building the test detector failed"; exit 1; }; \
 	EDGE_INSPECT_TEST_BUNDLE=.cache/py310-bundle .venv310/bin/python -m pytest -q $(PY310_TESTS)
 
 benchmarks-tables: install

@@ -4,13 +4,15 @@
 
 ``make test-py310`` builds it with the project's own venv, then runs the daemon's tests on Python 3.10 (JetPack 6's,
 where the CPU torch wheel does not install) with ``EDGE_INSPECT_TEST_BUNDLE=OUT``: the ``signed_bottle_bundle``
-fixture then copies OUT instead of training.
+fixture then copies OUT instead of training, and the update tests take their newer versions from OUT/newer.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,6 +63,31 @@ def make_signed_bottle_bundle(shared_data: Path, root: Path) -> SignedBundle:
     return layout(root)
 
 
+NEWER = ("v2", "v3", "v4")  # the later versions the update tests push, oldest first
+
+
+def export_newer(built: SignedBundle, out: Path) -> Path:
+    """A newer signed bundle of ``built``'s training run in ``out``: exported again a second later (the manifest's
+    "created" has one-second resolution), so a later version with another sha."""
+    from trainer.export import export_run
+
+    time.sleep(1.1)
+    export_run(built.path.parent / "run", out, sign_key=built.private_key)
+    return out
+
+
+def prebuilt_newer(name: str, out: Path) -> Path | None:
+    """A copy in ``out`` of the prebuilt newer version ``name`` when $EDGE_INSPECT_TEST_BUNDLE is set, else None."""
+    source = os.environ.get(PREBUILT_ENV)
+    if not source:
+        return None
+    built = Path(source) / "newer" / name / "manifest.json"
+    if not built.is_file():
+        raise FileNotFoundError(f"{PREBUILT_ENV}={source} has no newer version {name}: build it again")
+    shutil.copytree(built.parent, out)
+    return out
+
+
 def copy_prebuilt(source: Path, root: Path) -> SignedBundle:
     """A copy under ``root`` of a bundle that ``python -m tests.bundle_factory`` built in ``source`` (tests may
     change the files they are given). Raises FileNotFoundError naming what is missing."""
@@ -82,7 +109,7 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="a new or empty folder, or one this command built before")
     parser.add_argument("--data", type=Path, default=SHARED_DATA, help="the shared data folder (mvtec_bottle in it)")
     args = parser.parse_args()
-    ours = {"bundle", "keys", "run"}
+    ours = {"bundle", "keys", "run", "newer"}
     found = {p.name for p in args.out.iterdir()} if args.out.is_dir() else set()
     if found - ours:
         parser.error(f"{args.out} holds other files ({', '.join(sorted(found - ours))}): give a new or empty folder")
@@ -90,7 +117,9 @@ def main() -> None:
         shutil.rmtree(args.out / name)
     args.out.mkdir(parents=True, exist_ok=True)
     built = make_signed_bottle_bundle(args.data, args.out)
-    print(f"built {built.path} (signed by {built.public_key})")
+    for name in NEWER:
+        export_newer(built, args.out / "newer" / name)
+    print(f"built {built.path} and newer versions {', '.join(NEWER)} (signed by {built.public_key})")
 
 
 if __name__ == "__main__":

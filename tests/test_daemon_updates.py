@@ -13,7 +13,6 @@ import json
 import shutil
 import socketserver
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 from deploy.bundle import pack_tar, sign_bundle, verify_bundle_details
 from deploy.manifest import canonical_bytes, parse_manifest
 from deploy.signing import generate_keypair
+from tests.bundle_factory import export_newer, prebuilt_newer
 from tests.conftest import SignedBundle
 from tests.daemon_helpers import DEVICE, PREFIX, Daemon, LineVideo, make_line_video, wait_until, write_config
 from tests.mqtt_broker import Broker, Subscriber, publish
@@ -39,13 +39,10 @@ def line(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> LineVid
 
 
 def export_again(signed: SignedBundle, tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
-    """A newer signed bundle of the same run (exported again: a later "created", so a different sha)."""
-    from trainer.export import export_run
-
-    root = tmp_path_factory.mktemp(name)
-    time.sleep(1.1)  # "created" has one-second resolution
-    export_run(signed.path.parent / "run", root / "bundle", sign_key=signed.private_key)
-    return root / "bundle"
+    """A newer signed bundle of the same run (exported again: a later "created", so a different sha); the one built
+    ahead of time where $EDGE_INSPECT_TEST_BUNDLE says (a run without torch: tests/bundle_factory.py)."""
+    out = tmp_path_factory.mktemp(name) / "bundle"
+    return prebuilt_newer(name, out) or export_newer(signed, out)
 
 
 @pytest.fixture(scope="module")
