@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edge_daemon.capture import Camera, Frame, HealthConfig, HealthMonitor
-from tests.test_capture import StatusLog
+from tests.test_capture import StatusLog, drain
 
 SIZE = 320
 DEADLINE_S = 20.0
@@ -56,19 +56,10 @@ def write_video(path: Path, frames: list[np.ndarray], fps: float = 25.0) -> Path
 def take_all(cam: Camera) -> list[Frame]:
     """Start ``cam`` (a file source), take every frame until it has ended (deadline DEADLINE_S), stop it."""
     cam.start()
-    taken: list[Frame] = []
     try:
-        end = time.monotonic() + DEADLINE_S
-        while not cam.ended:
-            assert time.monotonic() < end, f"no end; status {cam.status}"
-            f = cam.take()
-            if f is not None:
-                taken.append(f)
-            else:
-                time.sleep(0.002)
+        return drain(cam, lambda _: cam.ended)
     finally:
         cam.stop()
-    return taken
 
 
 # ---- HealthMonitor on its own ----------------------------------------------------------------------------------
