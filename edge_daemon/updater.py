@@ -488,10 +488,11 @@ class Updater:
         self.state["active"] = _entry(bundle)
         self.state["pending"] = None
         self._probation = None
-        self._remember(p["request_id"], "active", f"passed probation ({frames} frames)", p["target"])
-        self._save_state()
+        why = f"passed probation ({frames} frames)"
+        self._record(p["request_id"], "active", why, p["target"])
         self._delete_unkept([*dropped, replaced])
         self._prune_disk()
+        self._publish(p["request_id"], "active", why, p["target"])  # last: "active" means the disk is tidy too
         log.info("update %s: %s %s is active", p["request_id"], bundle.name, bundle.version)
 
     def _roll_back(self, p: dict[str, Any], reason: str) -> None:
@@ -504,10 +505,10 @@ class Updater:
         self.host.switch(backends, previous)
         self.state["pending"] = None
         self._probation = None
-        self._remember(p["request_id"], "rolled_back", reason, p["target"])
-        self._save_state()
+        self._record(p["request_id"], "rolled_back", reason, p["target"])
         self._delete_bundle(_entry(p["bundle"]))
         self._prune_disk()
+        self._publish(p["request_id"], "rolled_back", reason, p["target"])
         log.warning("update %s rolled back: %s", p["request_id"], reason)
 
     # ------------------------------------------------------------------ model/rollback
@@ -548,14 +549,13 @@ class Updater:
             replaced = self.state.get("active")
             self.state["history"] = self.state["history"][1:]
             self.state["active"] = entry
-            self._remember(
-                rid, "rolled_back", f"rollback requested: back to {previous.version} from {current.version}", None
-            )
-            self._save_state()
+            why = f"rollback requested: back to {previous.version} from {current.version}"
+            self._record(rid, "rolled_back", why, None)
             # Nothing rolls forward (a new model/set does): the update left behind is deleted, like one that is
             # rolled back during probation, or disk would grow with every rollback.
             self._delete_unkept([replaced])
             self._prune_disk()
+            self._publish(rid, "rolled_back", why, None)
 
     # ------------------------------------------------------------------ bookkeeping
 
@@ -573,6 +573,13 @@ class Updater:
         return False
 
     def _remember(self, rid: str | None, phase: str, reason: str | None, target: dict[str, Any] | None = None) -> None:
+        """Record the outcome (``_record``) and answer it on P/model/state."""
+        self._record(rid, phase, reason, target)
+        self._publish(rid, phase, reason, target)
+
+    def _record(self, rid: str | None, phase: str, reason: str | None, target: dict[str, Any] | None = None) -> None:
+        """Save ``phase`` as request ``rid``'s outcome (a repeated request gets it again) and as the last one (published
+        again at start), without answering yet: a final phase is answered once its clean-up is done."""
         if rid is not None:
             requests = self.state["requests"]
             requests[rid] = {"phase": phase, "reason": reason, "target": target, "at": _now_iso()}
@@ -580,7 +587,6 @@ class Updater:
                 requests.pop(next(iter(requests)))
         self.state["last"] = {"request_id": rid, "phase": phase, "reason": reason, "target": target}
         self._save_state()
-        self._publish(rid, phase, reason, target)
 
     def _publish(
         self,
@@ -629,9 +635,13 @@ class Updater:
                 self._delete_bundle(entry)
 
     def _prune_disk(self) -> None:
-        """Delete what no model kept on disk needs any more: stale unpacked config bundles, then their engines."""
-        self._prune_bundle_copies()
-        self._prune_engine_cache()
+        """Delete what no model kept on disk needs any more: stale unpacked config bundles, then their engines.
+        Never raises: a failure is logged, and the answer that follows the clean-up is still sent."""
+        try:
+            self._prune_bundle_copies()
+            self._prune_engine_cache()
+        except Exception as exc:  # an unexpected disk problem must not swallow a request's answer
+            log.error("disk clean-up failed: %s: %s", type(exc).__name__, exc)
 
     def _prune_bundle_copies(self) -> None:
         """Delete unpacked copies of config bundles (``<state_dir>/bundles/<sha>``, one per bundle the config ever
