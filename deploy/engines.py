@@ -47,6 +47,7 @@ import numpy as np
 
 from deploy.durable import write_bytes_atomic
 from deploy.manifest import BundleError, FileEntry, Manifest, canonical_bytes, sha256_file
+from deploy.numpy_abi import numpy1_build_problem
 from deploy.parity import ParityReport, check_parity, load_golden
 
 # Why an INSTALLED tensorrt module does not import (None when it imports or is simply absent): a missing
@@ -61,9 +62,8 @@ try:
 except ImportError as _exc:  # TensorRT is only on devices and workstations with NVIDIA's stack
     trt = None  # type: ignore[assignment]
     if not (isinstance(_exc, ModuleNotFoundError) and _exc.name == "tensorrt"):
-        TENSORRT_IMPORT_ERROR = str(_exc)
-        if "numpy" in f"{_exc} {_import_noise.getvalue()}".lower():
-            TENSORRT_IMPORT_ERROR += "; it was built against NumPy 1.x: install 'numpy<2'"
+        _abi = numpy1_build_problem(_exc, _import_noise.getvalue())
+        TENSORRT_IMPORT_ERROR = f"{_exc}; {_abi}" if _abi else str(_exc)
 
 EnginePrecision = Literal["fp16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("fp16", "fp32")

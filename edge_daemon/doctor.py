@@ -83,14 +83,10 @@ def opencv_import_problem() -> str | None:
         with contextlib.redirect_stderr(noise):
             import cv2  # noqa: F401
     except ImportError as exc:
-        if "numpy" in f"{exc} {noise.getvalue()}".lower():
-            import numpy
+        from deploy.numpy_abi import numpy1_build_problem
 
-            return (
-                f"OpenCV (cv2) cannot be imported ({exc}): it was built against NumPy 1.x and this environment has "
-                f"NumPy {numpy.__version__}; install 'numpy<2' here (pip install 'numpy<2')"
-            )
-        return f"OpenCV (cv2) cannot be imported ({exc}): {OPENCV_HINT}"
+        hint = numpy1_build_problem(exc, noise.getvalue()) or OPENCV_HINT
+        return f"OpenCV (cv2) cannot be imported ({exc}): {hint}"
     return None
 
 
