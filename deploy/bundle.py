@@ -45,6 +45,7 @@ from deploy.manifest import (
     version_tuple,
 )
 from deploy.signing import load_private_key, load_public_key, sign_manifest, verify_signature
+from deploy.untrusted_json import parse_untrusted_json
 
 __all__ = [
     "BundleError",
@@ -115,7 +116,12 @@ def _check_relpath(name: str, what: str) -> str:
 def _scan_dir(root: Path) -> dict[str, Path]:
     """Every regular file under ``root`` by relative posix path; BundleError on a symlink or special file."""
     found: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
+
+    def unreadable(exc: OSError) -> None:  # os.walk skips a folder it cannot list unless told otherwise
+        where = Path(os.path.relpath(exc.filename, root)).as_posix() if exc.filename else "."
+        raise BundleError(f"cannot read bundle folder {where}: {exc.strerror or exc}")
+
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         base = Path(dirpath)
         for name in sorted(dirnames) + sorted(filenames):
             full = base / name
@@ -176,8 +182,8 @@ def _verify_dir(
         if os.path.lexists(sig_path):
             sig_raw = _read_small(sig_path, MAX_SIGNATURE_BYTES, "signature file")
             try:
-                signature: Any = json.loads(sig_raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+                signature: Any = parse_untrusted_json(sig_raw)
+            except ValueError:
                 raise BundleError("signature file does not parse as JSON") from None
             if require_signature or trusted_keys:
                 trusted = [load_public_key(Path(p)) for p in trusted_keys]
@@ -203,10 +209,13 @@ def _verify_dir(
         if name not in manifest.files and name not in RESERVED_NAMES:
             raise BundleError(f"unexpected file {name}: not listed in the manifest")
     for name, entry in sorted(manifest.files.items()):
-        size = present[name].stat().st_size
+        try:
+            size = present[name].stat().st_size
+            digest = file_digest(present[name])[0] if size == entry.size else None
+        except OSError as exc:  # e.g. a file the service user may not read
+            raise BundleError(f"cannot read bundle file {name}: {exc.strerror or exc}") from None
         if size != entry.size:
             raise BundleError(f"file {name} was changed: {size} bytes, the manifest says {entry.size}")
-        digest, _ = file_digest(present[name])
         if digest != entry.sha256:
             raise BundleError(f"file {name} was changed: its sha256 does not match the manifest")
     return VerifiedBundle(manifest, signer, hashlib.sha256(manifest_bytes).hexdigest())

@@ -49,6 +49,7 @@ from deploy.durable import write_bytes_atomic
 from deploy.manifest import BundleError, FileEntry, Manifest, canonical_bytes, sha256_file
 from deploy.numpy_abi import numpy1_build_problem
 from deploy.parity import ParityReport, check_parity, load_golden
+from deploy.untrusted_json import parse_untrusted_json
 
 # Why an INSTALLED tensorrt module does not import (None when it imports or is simply absent): a missing
 # libnvinfer, or a build against NumPy 1.x under NumPy 2 (JetPack 6's), must not read as "not installed".
@@ -174,8 +175,8 @@ class EngineSidecar:
     def from_json(cls, text: str | bytes) -> EngineSidecar:
         """Parse and validate; ValueError with one line naming the problem."""
         try:
-            raw = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raw = parse_untrusted_json(text)
+        except ValueError as exc:
             raise ValueError(f"engine sidecar is not JSON: {exc}") from None
         if not isinstance(raw, dict):
             raise ValueError("engine sidecar is not a JSON object")

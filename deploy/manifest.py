@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from deploy.untrusted_json import parse_untrusted_json
+
 if TYPE_CHECKING:
     from deploy.preprocess import InputSpec
 
@@ -144,8 +146,8 @@ def parse_manifest(data: bytes) -> Manifest:
     """manifest.json bytes -> Manifest. BundleError when it does not parse, has an unknown schema version,
     or does not match the schema (the first problem is named)."""
     try:
-        raw = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raw = parse_untrusted_json(data)
+    except ValueError as exc:  # not UTF-8, not JSON, or nested too deeply
         raise BundleError(f"manifest.json does not parse as JSON: {exc}") from None
     if not isinstance(raw, dict):
         raise BundleError("manifest.json is not a JSON object")

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.bundle import SIGNATURE_NAME, BundleError, open_bundle, pack_tar, verify_bundle_details
+from deploy.untrusted_json import parse_untrusted_json
 
 __all__ = [
     "ACTIVE",
@@ -475,7 +476,7 @@ def _status_text(payload: bytes) -> str | None:
         return None
     if text.startswith("{"):
         with contextlib.suppress(ValueError):
-            data = json.loads(text)
+            data = parse_untrusted_json(text)
             if isinstance(data, dict) and isinstance(data.get("status"), str):
                 return str(data["status"])[:32]
     return text[:32]
@@ -592,8 +593,8 @@ class _Link:
                 self.cond.notify_all()
         elif suffix == "model/state" and self.on_state is not None:
             try:
-                data = json.loads(payload.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
+                data = parse_untrusted_json(payload)
+            except ValueError:
                 return
             if isinstance(data, dict):
                 self.on_state(device, data, time.monotonic())

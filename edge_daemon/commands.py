@@ -6,10 +6,11 @@ a ``CommandError`` whose message goes back on the command's state topic. Nothing
 
 from __future__ import annotations
 
-import json
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from deploy.untrusted_json import parse_untrusted_json
 
 MAX_COMMAND_BYTES = 64 * 1024
 
@@ -47,8 +48,8 @@ C = TypeVar("C", bound=_Command)
 def request_id_of(payload: bytes) -> str | None:
     """The request_id of a payload, even of one that is otherwise invalid (so that a refusal can name it)."""
     try:
-        data = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        data = parse_untrusted_json(payload)
+    except ValueError:  # UnicodeDecodeError is one
         return None
     rid = data.get("request_id") if isinstance(data, dict) else None
     return rid if isinstance(rid, str) and len(rid) <= 128 else None
@@ -59,7 +60,7 @@ def parse_command(model: type[C], payload: bytes) -> C:
     if len(payload) > MAX_COMMAND_BYTES:
         raise CommandError(f"command is {len(payload)} bytes; at most {MAX_COMMAND_BYTES}")
     try:
-        data: Any = json.loads(payload.decode("utf-8"))
+        data: Any = parse_untrusted_json(payload)
     except UnicodeDecodeError:
         raise CommandError("command is not UTF-8 text") from None
     except ValueError as exc:

@@ -332,8 +332,9 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
     from edge_daemon.capture.sources import parse_source
 
     for cam in config.cameras:
-        if parse_source(cam.source).kind == "file":
-            cam.source = str(fix(Path(str(cam.source))))
+        spec = parse_source(cam.source)
+        if spec.kind == "file":  # the path, so that file:///abs/x.mp4 stays /abs/x.mp4
+            cam.source = str(fix(Path(str(spec.target))))
     if config.mqtt.password_file is not None:
         config.mqtt.password_file = fix(config.mqtt.password_file)
     if config.mqtt.tls is not None:

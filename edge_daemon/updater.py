@@ -51,6 +51,7 @@ from deploy.bundle import manifest_sha256
 from deploy.durable import write_bytes_atomic
 from deploy.engines import prune_engine_cache
 from deploy.manifest import BundleError, parse_manifest
+from deploy.untrusted_json import parse_untrusted_json
 from edge_daemon import __version__
 from edge_daemon.backends import Backend, BackendError
 from edge_daemon.commands import CommandError, ModelRollback, ModelSet, parse_command, request_id_of
@@ -104,7 +105,7 @@ def read_update_state(path: Path) -> dict[str, Any] | None:
     if not path.is_file():
         return None
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = parse_untrusted_json(path.read_bytes())
     except (OSError, ValueError) as exc:
         raise ValueError(str(exc)) from exc
     if not isinstance(data, dict):
@@ -350,12 +351,17 @@ class Updater:
             self._save_state()
         try:
             bundle, backends = self._prepare(rid, cmd, target)
-        except Refused as exc:
+        except Exception as exc:  # a bug must end this request too, or "pending" would refuse every later one
+            if isinstance(exc, Refused):
+                reason = str(exc)
+                log.warning("update %s refused: %s", rid, exc)
+            else:
+                reason = f"internal error: {type(exc).__name__}: {exc}"
+                log.exception("update %s failed", rid)
             with self._lock:
                 self.state["pending"] = None
-                self._remember(rid, "refused", str(exc), target)
+                self._remember(rid, "refused", reason, target)
                 self._save_state()
-            log.warning("update %s refused: %s", rid, exc)
             return
         self._begin_probation(rid, bundle, backends, target)
 

@@ -281,6 +281,34 @@ def test_manifest_that_does_not_parse(bundle: Path, keys: tuple[Path, Path]) -> 
         verify_bundle(bundle, [keys[1]])
 
 
+def test_deeply_nested_json_is_refused_before_the_signature_is_checked(bundle: Path, keys: tuple[Path, Path]) -> None:
+    """json.loads raises RecursionError (not a ValueError) on thousands of '[': it must become a refusal, not a
+    traceback, even though nothing has been verified yet."""
+    signature = (bundle / "signature").read_bytes()
+    (bundle / "signature").write_bytes(b"[" * 60_000)
+    with pytest.raises(BundleError, match=r"signature file does not parse as JSON"):
+        verify_bundle(bundle, [keys[1]])
+    (bundle / "signature").write_bytes(signature)
+    (bundle / "manifest.json").write_bytes(b"[" * 100_000)
+    with pytest.raises(BundleError, match=r"manifest\.json does not parse as JSON: JSON nested too deeply"):
+        verify_bundle(bundle, [keys[1]])
+
+
+def test_a_file_the_reader_may_not_open_is_named(
+    bundle: Path, keys: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A listed file the service user cannot read (a root-owned 0600 model.onnx) is a refusal naming it. The tests
+    run as root, who reads anything, so the refusal of open() is simulated here; the rest of the check is real."""
+    import deploy.bundle
+
+    def refused(path: Path) -> tuple[str, int]:
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(deploy.bundle, "file_digest", refused)
+    with pytest.raises(BundleError, match=r"^cannot read bundle file golden/inputs\.npy: Permission denied$"):
+        verify_bundle(bundle, [keys[1]])
+
+
 def test_untrusted_key_is_named(bundle: Path, other_keys: tuple[Path, Path], keys: tuple[Path, Path]) -> None:
     signer = key_id(load_public_key(keys[1]))
     with pytest.raises(BundleError, match=rf"signed by an untrusted key {signer} \(trusted: "):

@@ -57,6 +57,23 @@ def test_good_config_resolves_relative_paths(tmp_path: Path) -> None:
     assert len(cfg.digest()) == 16
 
 
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("file:///srv/clips/line3.mp4", "/srv/clips/line3.mp4"),
+        ("file://clips/line3.mp4", "{base}/clips/line3.mp4"),
+        ("clips/line3.mp4", "{base}/clips/line3.mp4"),
+        ("/srv/clips/line3.mp4", "/srv/clips/line3.mp4"),
+    ],
+)
+def test_file_sources_resolve_to_the_path_they_name(tmp_path: Path, source: str, expected: str) -> None:
+    """A file:// URL is a path once its scheme is off: relative ones are relative to the config, as plain paths
+    are (file:///abs/x.mp4 used to become <config folder>/file:/abs/x.mp4, which check-config passed)."""
+    path = tmp_path / "config.yaml"
+    path.write_text(GOOD.replace("source: /dev/video0", f"source: {source}"))
+    assert load_config(path).cameras[0].source == expected.format(base=tmp_path)
+
+
 def test_every_problem_on_its_own_line_with_the_yaml_line() -> None:
     bad = GOOD.replace("port: 1883", "port: 99999").replace("threshold: 0.6", "threshold: 1.5")
     bad = bad.replace("id: cam1", "id: cam 1").replace("device_id:", "devce_id:")

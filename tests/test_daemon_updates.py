@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import io
 import json
 import shutil
 import socketserver
+import tarfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -226,6 +228,12 @@ def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(
     good_tar, good_sha = tar_of(edited(b.path, tmp_path / "good", later, b.private_key), tmp_path / "good.tar")
     truncated = tmp_path / "truncated.tar"
     truncated.write_bytes(good_tar.read_bytes()[: good_tar.stat().st_size // 2])
+    nested = tmp_path / "nested.tar"  # json.loads raises RecursionError on it, before any signature check
+    with tarfile.open(nested, "w") as tf:
+        info = tarfile.TarInfo("manifest.json")
+        info.size = 100_000
+        tf.addfile(info, io.BytesIO(b"[" * info.size))
+    cases["nested"] = (nested, hashlib.sha256(nested.read_bytes()).hexdigest())
     expected = {
         "unsigned": "unsigned",
         "untrusted": "untrusted key",
@@ -235,7 +243,9 @@ def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(
         "truncated": "sha256",
         "missing": "not found",
         "bad_version": "the command says version",
+        "nested": "manifest.json does not parse as JSON: JSON nested too deeply",
     }
+    publish(device.broker.port, f"{PREFIX}/model/set", b"[" * 5000)  # this one used to end the updater's thread
     pushes = {name: device.push(tar.as_uri(), sha, version) for name, (tar, sha) in cases.items()}
     pushes["truncated"] = device.push(truncated.as_uri(), good_sha, version)
     pushes["missing"] = device.push((tmp_path / "absent.tar").as_uri(), good_sha, version)
@@ -244,6 +254,10 @@ def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(
         final = device.final(rid)
         assert final["phase"] == "refused" and expected[name] in final["reason"], (name, final)
         assert final["model"]["sha"] == verify_bundle_details(b.path, [b.public_key]).manifest_sha256
+    assert any(
+        s["phase"] == "refused" and s["reason"] == "command is not JSON: JSON nested too deeply"
+        for s in device.states()
+    )
     device.keeps_scoring()
     assert device.daemon.alive()
 
