@@ -2,7 +2,8 @@
 
 Both are read at request time from a ``snapshot()`` callable, so the hot path pays nothing for them.
 /healthz answers 200 when the daemon is "ok" or "degraded" (e.g. one camera offline) and 503 when it is
-"failing" (the scoring loop stopped making progress, or no backend serves).
+"failing" (the scoring loop stopped making progress, or a camera's frames arrive and every one has failed to be
+scored for 10 s: an ROI outside the frame, a backend that errors).
 """
 
 from __future__ import annotations

@@ -51,6 +51,18 @@ class CameraLane:
     anomalous: int = 0
     roi_errors: int = 0
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
+    # monotonic seconds: when a frame of this camera was last scored (at first: when the lane was made), and when one
+    # last failed to be (ROI outside the frame, backend error); ``failure`` says why
+    last_scored: float = field(default_factory=time.monotonic)
+    last_failed: float | None = None
+    failure: str | None = None
+
+    def failing_for(self, now: float) -> float | None:
+        """Seconds for which frames have arrived but none was scored (each one failed), or None when the last
+        frame that came was scored or none failed."""
+        if self.last_failed is None or self.last_failed < self.last_scored:
+            return None
+        return now - self.last_scored
 
     @property
     def camera_id(self) -> str:
@@ -93,7 +105,7 @@ class Pipeline:
         self.backend_errors = 0
         self.last_error: str | None = None
         self.heartbeat = time.monotonic()  # last time the loop went round: the watchdog's evidence of progress
-        self.last_scored = 0.0  # monotonic time of the last scored batch
+        self.ended = False  # run() returned "ended": its heartbeat stops, and that is not a stall
         self._swap: tuple[Backend, LoadedBundle] | None = None
         self._swap_lock = threading.Lock()
 
@@ -118,6 +130,7 @@ class Pipeline:
             self.heartbeat = time.monotonic()
             if self.step() == 0:
                 if all(lane.camera.ended for lane in self.lanes.values()):
+                    self.ended = True
                     return "ended"
                 self.frame_ready.wait(idle_wait_s)
                 self.frame_ready.clear()
@@ -158,6 +171,7 @@ class Pipeline:
             except ValueError as exc:  # an ROI that does not fit this camera's frames: counted, reported
                 lane.roi_errors += 1
                 self.last_error = f"camera {lane.camera_id}: {exc}"
+                lane.last_failed, lane.failure = time.monotonic(), str(exc)
         if not kept:
             return 0
         try:
@@ -166,6 +180,9 @@ class Pipeline:
             self.backend_errors += 1
             self.last_error = f"{self.backend.kind}: {type(exc).__name__}: {exc}"
             log.error("backend failed on a batch of %d: %s", len(kept), self.last_error)
+            failed_at = time.monotonic()
+            for lane, _ in kept:
+                lane.last_failed, lane.failure = failed_at, self.last_error
             return 0
         normalised = self.bundle.calibration.normalise(np.asarray(raw, dtype=np.float64))
         now = time.monotonic()
@@ -186,8 +203,8 @@ class Pipeline:
             lane.scored += 1
             lane.anomalous += int(normalised[i] >= lane.threshold)
             lane.latencies_s.append(time.monotonic() - frame.t_capture)
+            lane.last_scored = now
         self.batches += 1
-        self.last_scored = now
         return len(kept)
 
     # ------------------------------------------------------------------ between batches
@@ -247,7 +264,10 @@ class PipelinePool:
 
     @property
     def heartbeat(self) -> float:
-        return min(p.heartbeat for p in self.pipelines)
+        """The oldest heartbeat of the workers still running (a worker whose cameras all ended has stopped
+        beating, and is not stalled); the newest when every worker has ended."""
+        running = [p.heartbeat for p in self.pipelines if not p.ended]
+        return min(running) if running else max(p.heartbeat for p in self.pipelines)
 
     @property
     def backend_errors(self) -> int:

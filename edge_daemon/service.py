@@ -587,6 +587,12 @@ class Daemon:
         elif not self._making_progress(now):
             failing = True
             problems.append(f"the scoring loop has made no progress for {now - self.pipeline.heartbeat:.0f} s")
+        if self.pipeline is not None:
+            for cam_id, lane in self.pipeline.lanes.items():
+                stuck = lane.failing_for(now)
+                if stuck is not None and stuck >= STALL_S:  # not the watchdog's business: a restart would not help
+                    failing = True
+                    problems.append(f"camera {cam_id}: no frame scored for {stuck:.0f} s: {lane.failure}")
         for cam_id, camera in self.cameras.items():
             if camera.status.state not in ("online", "ended"):
                 problems.append(f"camera {cam_id} {camera.status.state}: {camera.status.reason}")

@@ -3,6 +3,7 @@ a camera that vanishes and comes back. Real process, real mosquitto, real signed
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import urllib.error
@@ -141,6 +142,46 @@ def test_commands_health_metrics_and_reload(
             wait_until(lambda: "config not reloaded" in daemon.text(), 20, "the refused reload")
             assert daemon.alive()
             assert daemon.terminate(30) == 0, daemon.text()[-3000:]
+
+
+def test_health_fails_while_no_frame_can_be_scored_and_an_ended_worker_is_no_stall(
+    signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path
+) -> None:
+    """cam0's ROI lies outside its frames (a camera swapped for one of lower resolution): every frame arrives and
+    none is scored, so /healthz fails and names it. cam1, a file on the second worker, ends after about 2 s:
+    that worker stops beating, which is no stall, so the watchdog is still fed and /healthz does not call the
+    scoring loop stuck."""
+    b = signed_bottle_bundle
+    port = free_port()
+    sock_path = tmp_path / "notify.sock"
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(sock_path))
+    notify.settimeout(5)
+    cams = [
+        {**looping(line), "roi": [5000, 5000, 64, 64]},
+        {"id": "cam1", "source": str(line.video), "roi": list(line.roi), "loop": False, "realtime": True},
+    ]
+    with Broker(tmp_path / "broker") as broker:
+        config = write_config(
+            tmp_path, b.path, b.public_key, broker.port, cams, workers=2, http={"bind": f"127.0.0.1:{port}"}
+        )
+        daemon = Daemon(config, env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "1000000"})
+        wait_until(lambda: _get(port, "/healthz")[0] == 503 and b"cam0" in _get(port, "/healthz")[1], 60, "503")
+        code, body = _get(port, "/healthz")
+        problems = json.loads(body)["problems"]
+        assert any(p.startswith("camera cam0: no frame scored for ") and "lies outside the" in p for p in problems), (
+            problems
+        )
+        assert not any("no progress" in p for p in problems), problems  # cam1's worker ended: not a stall
+        assert "on 2 worker(s)" in daemon.text() and daemon.alive()
+        notify.settimeout(0.05)
+        with contextlib.suppress(TimeoutError):
+            while True:  # skip what was sent until now: the watchdog must still be fed after cam1 ended
+                notify.recv(4096)
+        notify.settimeout(5)
+        assert notify.recv(4096).decode().startswith("WATCHDOG=1")
+        assert daemon.terminate(30) == 0, daemon.text()[-3000:]
+    notify.close()
 
 
 def _get(port: int, path: str) -> tuple[int, bytes]:
