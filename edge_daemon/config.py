@@ -12,11 +12,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, SettingsError
 
 CAMERA_ID = r"^[A-Za-z0-9_-]{1,64}$"
 DEVICE_ID = r"^[A-Za-z0-9_-]{1,64}$"
@@ -295,6 +296,8 @@ def parse_config(text: str, path: Path | None = None) -> DaemonConfig:
         config = DaemonConfig(**data)
     except ValidationError as exc:
         raise ConfigError(path, _describe(exc.errors(), _yaml_lines(text), "")) from None
+    except SettingsError as exc:  # an EDGE_* variable for a list or a section that is not JSON
+        raise ConfigError(path, [_describe_env_error(exc)]) from None
     problems = []
     if config.mqtt.password_file is not None and config.mqtt.password is None:
         try:
@@ -319,6 +322,16 @@ def load_config(path: Path) -> DaemonConfig:
         raise ConfigError(path, [f"cannot read it: {exc}"]) from None
     config = parse_config(text, path)
     return _resolve_paths(config, path.parent)
+
+
+def _describe_env_error(exc: SettingsError) -> str:
+    field = re.search(r'field "(\w+)"', str(exc))
+    var = f"EDGE_{field.group(1).upper()}" if field else "an EDGE_* variable"
+    return (
+        f"environment variable {var} is not valid JSON ({exc.__cause__ or exc}): lists and sections are given as JSON "
+        """(EDGE_TRUSTED_KEYS='["/etc/edge-inspect/keys/a.pub"]', EDGE_MQTT='{"host": "broker"}'), or a section's """
+        "keys one at a time (EDGE_MQTT__HOST=broker)"
+    )
 
 
 def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:

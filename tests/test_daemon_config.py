@@ -145,6 +145,10 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert f"{bad}: line 6: mqtt.port:" in res.stderr
     res = cli("check-config", tmp_path / "absent.yaml")
     assert res.returncode == 2 and "no such file" in res.stderr and "Traceback" not in res.stderr
+    for var, value in [("EDGE_TRUSTED_KEYS", "/etc/edge-inspect/keys/line3.pub"), ("EDGE_MQTT", '{"host": ')]:
+        res = cli("check-config", good, env={var: value})  # a list or a section as plain text: not JSON
+        assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+        assert f"{good}: environment variable {var} is not valid JSON" in res.stderr
 
 
 def test_doctor_reports_the_device(tmp_path: Path) -> None:
