@@ -116,6 +116,9 @@ def read_update_state(path: Path) -> dict[str, Any] | None:
     for name, entry in [("active update", active), *(("history entry", e) for e in history)]:
         if entry is not None and not (isinstance(entry, dict) and isinstance(entry.get("path"), str)):
             raise ValueError(f"its {name} has no path")
+    last = data.get("last")
+    if last is not None and not (isinstance(last, dict) and isinstance(last.get("phase"), str)):
+        raise ValueError("its last outcome has no phase")
     return data
 
 
@@ -145,6 +148,7 @@ class Updater:
             "pending": None,
             "requests": {},
             "config_sha": None,  # manifest sha256 of the config's bundle at the last start (_follow_config_bundle)
+            "last": None,  # the last outcome, answered again on P/model/state at each start
         }
         self._queue: queue.Queue[tuple[str, bytes] | None] = queue.Queue(maxsize=16)
         self._lock = threading.RLock()
@@ -286,7 +290,7 @@ class Updater:
         """Start the worker thread and publish the retained state (the interrupted request's outcome, if any)."""
         last = self.state.get("last")
         if last:
-            self._publish(last["request_id"], last["phase"], last["reason"], last.get("target"))
+            self._publish(last.get("request_id"), last["phase"], last.get("reason"), last.get("target"))
         else:
             self._publish(None, "active", None, None)
         self._prune_disk()

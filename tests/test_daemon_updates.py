@@ -327,6 +327,17 @@ def test_a_model_that_fires_on_every_frame_is_rolled_back(
     assert final["phase"] == "rolled_back" and "anomaly rate" in final["reason"], final
     assert final["model"]["sha"] == verify_bundle_details(b.path, [b.public_key]).manifest_sha256
     device.keeps_scoring()
+    # a restart answers the outcome again on the retained state (it used to overwrite it with a bare "active")
+    assert device.daemon.terminate(30) == 0, device.daemon.text()[-3000:]
+    answered = len(device.states())
+    device.start()
+    wait_until(lambda: len(device.states()) > answered, 30, "the state answered at start")
+    again = device.states()[-1]
+    assert (again["request_id"], again["phase"], again["reason"]) == (
+        final["request_id"],
+        "rolled_back",
+        final["reason"],
+    )
 
 
 @pytest.mark.parametrize("phase", ["downloading", "probation"])
@@ -536,6 +547,7 @@ def test_the_start_fallback_chain_tries_each_model_once_and_ends(
         ('{"active": "v9", "history": []}', "its active update has no path"),
         ('{"active": null, "history": [{"version": "v2"}]}', "its history entry has no path"),
         ('{"active": null, "history": "v2"}', "its history is not a list"),
+        ('{"active": null, "history": [], "last": "rolled_back"}', "its last outcome has no phase"),
     ],
 )
 def test_an_unusable_state_file_is_set_aside_and_the_config_bundle_serves(
