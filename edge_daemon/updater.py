@@ -364,8 +364,9 @@ class Updater:
                 log.exception("update %s failed", rid)
             with self._lock:
                 self.state["pending"] = None
-                self._remember(rid, "refused", reason, target)
-                self._save_state()
+                self._record(rid, "refused", reason, target)
+                self._prune_disk()  # the refused bundle, if it was unpacked, and its engine
+                self._publish(rid, "refused", reason, target)
             return
         self._begin_probation(rid, bundle, backends, target)
 
@@ -654,20 +655,26 @@ class Updater:
             log.error("disk clean-up failed: %s: %s", type(exc).__name__, exc)
 
     def _prune_bundle_copies(self) -> None:
-        """Delete unpacked copies of config bundles (``<state_dir>/bundles/<sha>``, one per bundle the config ever
-        named as a tar) that are neither serving nor the active update nor one of the ``updates.keep`` previous
-        models. The config's bundle is unpacked again from its tar if it is ever needed. Half-done unpacks
-        (``.unpack-*``) are ``load_bundle``'s to clean."""
-        folder = Path(self.config.state_dir) / "bundles"
-        if not folder.is_dir():
-            return
-        entries = [self.state.get("active"), *self.state["history"]]
-        keep = {self.host.serving_bundle().root.resolve(), *(Path(e["path"]).resolve() for e in entries if e)}
-        for copy in folder.iterdir():
-            if copy.name.startswith(".") or not copy.is_dir() or copy.is_symlink() or copy.resolve() in keep:
+        """Delete unpacked bundles that nothing needs: copies of config bundles (``<state_dir>/bundles/<sha>``, one
+        per bundle the config ever named as a tar) and updates that were refused or left behind
+        (``<state_dir>/updates/unpacked/bundles/<sha>``), unless serving, the active update, one of the
+        ``updates.keep`` previous models, or the update in hand. The config's bundle is unpacked again from its tar
+        if it is ever needed. Half-done unpacks (``.unpack-*``) are ``load_bundle``'s to clean."""
+        entries = [self.state.get("active"), *self.state["history"], self.state.get("pending")]
+        keep = {
+            self.host.serving_bundle().root.resolve(),
+            *(Path(e["path"]).resolve() for e in entries if e and "path" in e),
+        }
+        if self._probation is not None:
+            keep.add(self._probation["bundle"].root.resolve())
+        for folder in (Path(self.config.state_dir) / "bundles", self.root / "unpacked" / "bundles"):
+            if not folder.is_dir():
                 continue
-            shutil.rmtree(copy, ignore_errors=True)
-            log.info("removed %s, an unpacked bundle no longer configured or kept for rollback", copy)
+            for copy in folder.iterdir():
+                if copy.name.startswith(".") or not copy.is_dir() or copy.is_symlink() or copy.resolve() in keep:
+                    continue
+                shutil.rmtree(copy, ignore_errors=True)
+                log.info("removed %s, an unpacked bundle no longer configured, active or kept for rollback", copy)
 
     def _prune_engine_cache(self) -> None:
         """Delete cached TensorRT engines of models no longer on disk (``deploy.engines.prune_engine_cache``).

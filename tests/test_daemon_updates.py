@@ -260,6 +260,9 @@ def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(
     )
     device.keeps_scoring()
     assert device.daemon.alive()
+    # wrong_shape and bad_version were verified and unpacked before they were refused: nothing of them stays
+    unpacked = tmp_path / "state" / "updates" / "unpacked" / "bundles"
+    assert [p.name for p in unpacked.iterdir() if not p.name.startswith(".")] == []
 
 
 class StallingServer:
