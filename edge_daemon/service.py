@@ -50,6 +50,11 @@ from edge_daemon.updater import Probe, Updater
 
 log = logging.getLogger("edge_daemon")
 COMMAND_TOPICS = ("+/threshold/set", "model/set", "model/rollback")
+# Config keys a SIGHUP applies: read afresh where they are used (the cameras' thresholds are applied by _reload;
+# the rest of cameras, events and crop are compared apart). Any other key that changed needs a restart, and says so.
+RELOADABLE_KEYS = frozenset(
+    {"cameras", "events", "crop", "stats_interval_s", "drain_timeout_s", "updates", "allow_downgrade"}
+)
 STALL_S = 10.0  # no loop progress for this long: /healthz says failing and the watchdog is no longer fed
 
 
@@ -139,6 +144,7 @@ class Daemon:
                 max_batch=cfg.max_batch,
                 cache_dir=cfg.state_dir / "engines",
                 precision=cfg.tensorrt_precision,
+                build_time_limit_s=cfg.engine_build_timeout_s,
             )
         except BackendUnavailable as exc:
             raise StartupError(str(exc), 3) from None
@@ -514,8 +520,8 @@ class Daemon:
                 self._threshold_state(cam.id, None, True, None)
         needs_restart = [
             key
-            for key in ("device_id", "bundle", "trusted_keys", "backend", "mqtt", "spool", "http", "state_dir")
-            if getattr(new, key) != getattr(self.config, key)
+            for key in type(new).model_fields
+            if key not in RELOADABLE_KEYS and getattr(new, key) != getattr(self.config, key)
         ]
         if [c.model_dump(exclude={"threshold"}) for c in new.cameras] != [
             c.model_dump(exclude={"threshold"}) for c in self.config.cameras
@@ -524,6 +530,8 @@ class Daemon:
         if new.events != self.config.events or new.crop != self.config.crop:
             needs_restart.append("events/crop")
         self.config = new.model_copy(update={k: getattr(self.config, k) for k in needs_restart if k != "events/crop"})
+        if self.updater is not None:
+            self.updater.config = self.config  # updates.* and allow_downgrade apply to the next request
         log.info(
             "SIGHUP: config reloaded (thresholds applied)%s",
             f"; a restart is needed for: {', '.join(needs_restart)}" if needs_restart else "",

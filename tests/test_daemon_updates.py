@@ -198,6 +198,26 @@ def test_push_a_good_bundle(device: Device, v2: Path, tmp_path: Path, signed_bot
     device.keeps_scoring()
 
 
+def test_a_downgrade_is_refused_until_a_reload_allows_it(device: Device, v2: Path, v3: Path, tmp_path: Path) -> None:
+    """v3 is active; v2, made before it, is refused as a downgrade. SIGHUP with allow_downgrade: true lets the next
+    request through (the updater follows the reloaded config; it used to keep the one it started with)."""
+    version = {v: parse_manifest((v / "manifest.json").read_bytes()).model["version"] for v in (v2, v3)}
+    tars = {v: tar_of(v, tmp_path / f"{v.parent.name}.tar") for v in (v2, v3)}
+
+    def push(v: Path) -> dict[str, Any]:
+        return device.final(device.push(tars[v][0].as_uri(), tars[v][1], version[v]))
+
+    assert push(v3)["phase"] == "active"
+    refused = push(v2)
+    assert refused["phase"] == "refused" and refused["reason"].startswith("downgrade refused:"), refused
+    config = json.loads(device.config.read_text())
+    device.config.write_text(json.dumps({**config, "allow_downgrade": True, "workers": 2}))
+    device.daemon.proc.send_signal(1)
+    wait_until(lambda: "config reloaded" in device.daemon.text(), 20, "the reload")
+    assert "a restart is needed for: workers" in device.daemon.text()  # said, not silently ignored
+    assert push(v2)["phase"] == "active"
+
+
 def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(
     device: Device, signed_bottle_bundle: SignedBundle, tmp_path: Path
 ) -> None:

@@ -65,8 +65,10 @@ def select_backend(
     max_batch: int,
     cache_dir: Path | None,
     precision: EnginePrecision = "fp16",
+    build_time_limit_s: float = 3600.0,
 ) -> tuple[Backend, EngineBuild | None]:
-    """The gated backend that serves ``bundle`` now, and the engine build under way (or None).
+    """The gated backend that serves ``bundle`` now, and the engine build under way (or None), which is reported
+    as timed out after ``build_time_limit_s`` seconds.
 
     BackendUnavailable when ``choice`` is "tensorrt" and TensorRT or a GPU is missing; BackendError when nothing
     passes the gate.
@@ -91,7 +93,9 @@ def select_backend(
                 log.warning("the TensorRT engine cannot serve (%s): building a new one", exc)
             build = None
             if cache_dir is not None:
-                build = EngineBuild(bundle, cache_dir, precision=precision, max_batch=max_batch).start()
+                build = EngineBuild(
+                    bundle, cache_dir, precision=precision, max_batch=max_batch, time_limit_s=build_time_limit_s
+                ).start()
             return gate(open_onnxruntime(bundle, max_batch=max_batch, cache_dir=cache_dir), bundle), build
     return gate(open_onnxruntime(bundle, max_batch=max_batch, cache_dir=cache_dir), bundle), None
 
