@@ -217,6 +217,8 @@ class Pipeline:
         backend, bundle = swap
         if bundle.sha != self.bundle.sha:
             self.close_all("model_swap")
+            for lane in self.lanes.values():  # latency is the serving model's: probation judges the new one alone
+                lane.latencies_s.clear()
         self.backend, self.bundle = backend, bundle
         self.model = ModelRef(bundle.name, bundle.version, bundle.sha)
         log.info("now serving %s %s with %s (%s)", bundle.name, bundle.version, backend.kind, backend.detail)

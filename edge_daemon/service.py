@@ -431,9 +431,14 @@ class Daemon:
             self.link.set_retained("model/state", payload)
 
     def probe(self) -> Probe:
-        assert self.pipeline is not None
+        assert self.pipeline is not None and self.bundle is not None
         lanes = list(self.pipeline.lanes.values())
-        p99s = [v for v in (percentile_ms(lane.latencies_s, 99) for lane in lanes) if v is not None]
+        # latency only of the workers that serve the newest model already: a swap is applied between two batches,
+        # and each worker's latency window starts afresh then
+        serving = [
+            lane for p in self.pipeline.pipelines if p.bundle.sha == self.bundle.sha for lane in p.lanes.values()
+        ]
+        p99s = [v for v in (percentile_ms(lane.latencies_s, 99) for lane in serving) if v is not None]
         return Probe(
             frames=sum(lane.scored for lane in lanes),
             anomalous=sum(lane.anomalous for lane in lanes),

@@ -218,6 +218,41 @@ def test_a_downgrade_is_refused_until_a_reload_allows_it(device: Device, v2: Pat
     assert push(v2)["phase"] == "active"
 
 
+def test_a_model_swap_starts_the_latency_window_afresh(
+    signed_bottle_bundle: SignedBundle, v2: Path, line: LineVideo, tmp_path: Path
+) -> None:
+    """Probation's latency budget judges the new model's frames only: the window of the model it replaced (which
+    may be why it was replaced) is dropped at the swap. A real camera on the line video and real ONNX Runtime
+    sessions of both models."""
+    from edge_daemon.backends.onnxruntime import open_onnxruntime
+    from edge_daemon.capture.camera import Camera
+    from edge_daemon.events import CropTuning, EventTracker, EventTuning
+    from edge_daemon.model import load_bundle
+    from edge_daemon.pipeline import CameraLane, Pipeline
+
+    keys = [signed_bottle_bundle.public_key]
+    old, new = (load_bundle(b, keys, tmp_path / "state") for b in (signed_bottle_bundle.path, v2))
+    ready = threading.Event()
+    camera = Camera("cam0", str(line.video), roi=line.roi, frame_ready=ready)
+    lane = CameraLane(camera, EventTracker("cam0", DEVICE, EventTuning(), CropTuning()), roi=line.roi)
+    pipeline = Pipeline([lane], open_onnxruntime(old, max_batch=1, cache_dir=None), old, lambda _: None, ready)
+    camera.start()
+    try:
+
+        def score(frames: int) -> None:
+            target = lane.scored + frames
+            wait_until(lambda: pipeline.step() >= 0 and lane.scored >= target, 60, f"{frames} frames scored")
+
+        score(5)
+        assert len(lane.latencies_s) == lane.scored >= 5
+        pipeline.request_swap(open_onnxruntime(new, max_batch=1, cache_dir=None), new)
+        before = lane.scored
+        score(3)
+        assert pipeline.bundle.sha == new.sha and len(lane.latencies_s) == lane.scored - before
+    finally:
+        camera.stop()
+
+
 def test_bad_bundles_are_refused_and_the_old_model_keeps_serving(
     device: Device, signed_bottle_bundle: SignedBundle, tmp_path: Path
 ) -> None:
