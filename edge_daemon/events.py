@@ -278,7 +278,8 @@ class EventTracker:
     """The event state machine of one camera (see the module docstring); not thread-safe (one scorer calls it).
 
     ``camera_id`` must match ``[A-Za-z0-9_-]+`` (it goes into topics; ValueError otherwise). ``device_id``
-    is only reported in the JSON.
+    is reported in the JSON and, with ``topic_prefix`` (the config's mqtt.topic_prefix), makes the full topic
+    that an event's crop names: ``<topic_prefix>/<device_id>/<camera>/crop/<event_id>``.
 
     Event JSON (compact UTF-8, DESIGN.md "MQTT"): type, event_id (``<camera>-<ms since epoch, 13 digits>-<8
     hex>``, time-sortable), seq, device, camera, ts (the frame the message is about), started_at (the first
@@ -286,17 +287,20 @@ class EventTracker:
     the event, the opening run included), first_frame / last_frame (camera frame numbers of the first and
     last anomalous frame, null when the caller gives none), score {raw, normalized, threshold} (this frame), peak {raw,
     normalized, ts} (highest normalized score from the opening frame on), region {x, y, w, h} (frame px, at
-    the peak), crop {topic, sha256, bytes, ts (the frame it was cut from)} or null, model {name, version,
-    sha}, reason (end). A non-finite number (an +inf score) is sent as null: JSON has no inf.
+    the peak), crop {topic (the full MQTT topic), sha256, bytes, ts (the frame it was cut from)} or null,
+    model {name, version, sha}, reason (end). A non-finite number (an +inf score) is sent as null: JSON has no inf.
     An end sends no new crop: if the peak rose after the last crop, "peak" is the true peak and "crop" the
     last one sent (its "ts" tells which frame it shows).
     """
 
-    def __init__(self, camera_id: str, device_id: str, tuning: EventTuning, crop: CropTuning) -> None:
+    def __init__(
+        self, camera_id: str, device_id: str, tuning: EventTuning, crop: CropTuning, *, topic_prefix: str = "inspect"
+    ) -> None:
         if not isinstance(camera_id, str) or not _TOPIC_SAFE.match(camera_id):
             raise ValueError(f"camera id {camera_id!r} may hold only A-Z, a-z, 0-9, '_' and '-' (it is part of topics)")
         self.camera_id = camera_id
         self.device_id = device_id
+        self._topic_root = f"{topic_prefix}/{device_id}"
         self.tuning = tuning
         self.crop_tuning = crop
         self._events_topic = f"{camera_id}/events"
@@ -517,7 +521,7 @@ class EventTracker:
             return []
         suffix = f"{self.camera_id}/crop/{ev.event_id}"
         ev.crop = {
-            "topic": suffix,
+            "topic": f"{self._topic_root}/{suffix}",
             "sha256": hashlib.sha256(data).hexdigest(),
             "bytes": len(data),
             "ts": iso_utc(ev.pending_wall),

@@ -185,7 +185,9 @@ class Daemon:
             threshold, source = (
                 (cam.threshold, "config") if cam.threshold is not None else (DEFAULT_THRESHOLD, "bundle")
             )
-            tracker = EventTracker(cam.id, self.config.device_id, tuning, crop)
+            tracker = EventTracker(
+                cam.id, self.config.device_id, tuning, crop, topic_prefix=self.config.mqtt.topic_prefix
+            )
             lanes[i % self.workers].append(
                 CameraLane(camera, tracker, roi=cam.roi, threshold=threshold, threshold_source=source)
             )

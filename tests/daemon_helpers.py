@@ -140,7 +140,7 @@ def check_events_and_crops(messages: list[Received], model_sha: str) -> list[dic
             data = crops_seen.get(ev["crop"]["sha256"])
             assert data is not None, f"{ev['event_id']} seq {ev['seq']}: crop {ev['crop']['sha256'][:12]} not before it"
             assert len(data) == ev["crop"]["bytes"]
-            assert m.topic.rsplit("/", 1)[0] + "/crop/" + ev["event_id"] == f"{PREFIX}/{ev['crop']['topic']}"
+            assert m.topic.rsplit("/", 1)[0] + "/crop/" + ev["event_id"] == ev["crop"]["topic"]  # the full topic
         assert ev["model"]["sha"] == model_sha
         seqs.setdefault(ev["event_id"], []).append(ev["seq"])
         types.setdefault(ev["event_id"], []).append(ev["type"])

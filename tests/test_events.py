@@ -324,10 +324,11 @@ def check_stream(sent: list[tuple[int, Outgoing]]) -> None:
         if e["crop"] is not None:
             c = e["crop"]
             assert set(c) == {"topic", "sha256", "bytes", "ts"} and ISO.match(c["ts"])
-            assert c["topic"] == f"cam0/crop/{e['event_id']}"
+            assert c["topic"] == f"inspect/line3-cam-a/cam0/crop/{e['event_id']}"  # the full topic: P/<cam>/crop/<id>
+            suffix = c["topic"].removeprefix("inspect/line3-cam-a/")
             if e["type"] in ("start", "update"):
-                assert previous is not None and previous.kind == "crop" and previous.suffix == c["topic"]
-            payload = latest[c["topic"]]  # KeyError = the crop was never sent
+                assert previous is not None and previous.kind == "crop" and previous.suffix == suffix
+            payload = latest[suffix]  # KeyError = the crop was never sent
             assert c["sha256"] == hashlib.sha256(payload).hexdigest() and c["bytes"] == len(payload)
         previous = o
     for event_id, s in seqs.items():
@@ -342,7 +343,7 @@ def test_start_crop_of_a_real_defect(pitting_case: Case, tile_case: Case) -> Non
         check_stream(d.sent)
         crop_msg, event_msg = (o for _, o in d.sent)
         e = json.loads(event_msg.payload)
-        assert crop_msg.suffix == f"cam0/crop/{e['event_id']}" and e["crop"]["topic"] == crop_msg.suffix
+        assert crop_msg.suffix == f"cam0/crop/{e['event_id']}" and e["crop"]["topic"] == f"inspect/line3-cam-a/{crop_msg.suffix}"
         assert e["crop"]["sha256"] == hashlib.sha256(crop_msg.payload).hexdigest()
         assert e["crop"]["bytes"] == len(crop_msg.payload)
 
