@@ -343,7 +343,8 @@ def test_start_crop_of_a_real_defect(pitting_case: Case, tile_case: Case) -> Non
         check_stream(d.sent)
         crop_msg, event_msg = (o for _, o in d.sent)
         e = json.loads(event_msg.payload)
-        assert crop_msg.suffix == f"cam0/crop/{e['event_id']}" and e["crop"]["topic"] == f"inspect/line3-cam-a/{crop_msg.suffix}"
+        assert crop_msg.suffix == f"cam0/crop/{e['event_id']}"
+        assert e["crop"]["topic"] == f"inspect/line3-cam-a/{crop_msg.suffix}"
         assert e["crop"]["sha256"] == hashlib.sha256(crop_msg.payload).hexdigest()
         assert e["crop"]["bytes"] == len(crop_msg.payload)
 
