@@ -35,8 +35,11 @@ import ctypes
 import ctypes.util
 import io
 import json
+import os
 import re
+import shutil
 import sys
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from datetime import datetime, timezone
@@ -771,6 +774,21 @@ def _update_manifest(bundle_dir: Path, manifest: Manifest, new_files: list[str],
     return updated
 
 
+def install_engine(bundle_dir: Path, manifest: Manifest, staged_plan: Path, sign_key: Path | None) -> Path:
+    """Move a gated ``<key>.plan`` and its sidecar ``<key>.json`` (built elsewhere on the same file system) into
+    ``bundle_dir/engines/``, replacing an engine of the same key, and list both in the manifest (``_update_manifest``:
+    re-signed with ``sign_key``, else left unsigned-but-consistent). Returns the installed plan's path."""
+    engines_dir = bundle_dir / "engines"
+    engines_dir.mkdir(exist_ok=True)
+    plan = engines_dir / staged_plan.name
+    os.replace(staged_plan, plan)
+    os.replace(staged_plan.with_suffix(".json"), plan.with_suffix(".json"))  # the sidecar last, as build_engine
+    _update_manifest(
+        bundle_dir, manifest, [f"engines/{plan.name}", f"engines/{plan.with_suffix('.json').name}"], sign_key
+    )
+    return plan
+
+
 def compile_bundle(
     bundle_dir: Path,
     *,
@@ -784,7 +802,9 @@ def compile_bundle(
     (BundleError; the signature is not required: compiling is not a trust decision, the daemon
     verifies later); the signing key loads when given (BundleError, before any slow build); build;
     run the golden parity gate on the engine at ``precision`` tolerances in batches of
-    ``max_batch``. A failing gate deletes the engine and raises ParityFailed with the figures.
+    ``max_batch``. The engine is built and gated in a folder beside the bundle and moved in only once it
+    passed (``install_engine``); a failing gate deletes it, leaves the bundle as it was (an engine of the same
+    key already in it included) and raises ParityFailed with the figures.
 
     The engine changes the bundle's file set, so manifest.files is rewritten to list the plan and its
     sidecar and the old signature (over the old manifest) is removed: with ``sign_key`` the bundle is
@@ -801,25 +821,18 @@ def compile_bundle(
         from deploy.signing import load_private_key
 
         load_private_key(sign_key)
-    engines_dir = bundle_dir / "engines"
-    created_dir = not engines_dir.exists()
-    plan, sidecar = build_engine(bundle_dir / "model.onnx", engines_dir, precision=precision, max_batch=max_batch)
-    report: ParityReport | None = None
+    # Built and gated outside the bundle, then moved in: a rebuild for the same key (same model, TensorRT, GPU,
+    # precision and batch) that fails its gate must not touch the engine the signed manifest already lists.
+    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.compile-", dir=bundle_dir.parent))
     try:
-        runner = tensorrt_runner(plan, device=device)
+        staged, _ = build_engine(bundle_dir / "model.onnx", staging, precision=precision, max_batch=max_batch)
+        runner = tensorrt_runner(staged, device=device)
         report = check_parity(runner, bundle_dir, manifest, precision=precision, batch=max_batch)
+        if not report.ok:
+            raise ParityFailed(report)
+        plan = install_engine(bundle_dir, manifest, staged, sign_key)
     finally:
-        if report is None or not report.ok:
-            for path in (plan, plan.with_suffix(".json")):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            if created_dir:
-                with contextlib.suppress(OSError):
-                    engines_dir.rmdir()
-    if not report.ok:
-        raise ParityFailed(report)
-    rel = [f"engines/{sidecar.key}.plan", f"engines/{sidecar.key}.json"]
-    _update_manifest(bundle_dir, manifest, rel, sign_key)
+        shutil.rmtree(staging, ignore_errors=True)
     return plan, report
 
 

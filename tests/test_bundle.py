@@ -451,6 +451,27 @@ def test_refresh_files_after_adding_an_engine(bundle: Path, keys: tuple[Path, Pa
         refresh_files(bundle, keys[0])
 
 
+def test_an_engine_installed_twice_under_one_key_keeps_the_bundle_signed_and_consistent(
+    bundle: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """compile's last step (the TensorRT build and gate before it need a GPU): a gated engine staged beside the
+    bundle replaces one of the same key that the signed manifest lists, and the bundle verifies after each."""
+    from deploy.engines import install_engine
+
+    name = "abc-trt10.3-sm87-fp16-b8"
+    for build in (b"first build", b"second build: TensorRT builds differ"):
+        staging = tmp_path / "staging"
+        staging.mkdir()
+        (staging / f"{name}.plan").write_bytes(build)
+        (staging / f"{name}.json").write_text("{}")
+        plan = install_engine(bundle, verify_bundle(bundle, [keys[1]]), staging / f"{name}.plan", keys[0])
+        assert plan == bundle / "engines" / f"{name}.plan" and plan.read_bytes() == build
+        assert not any(staging.iterdir())
+        staging.rmdir()
+        manifest = verify_bundle(bundle, [keys[1]])
+        assert {f"engines/{name}.plan", f"engines/{name}.json"} <= set(manifest.files)
+
+
 # ------------------------------------------------------------------------------- malicious tars
 
 
