@@ -228,6 +228,12 @@ def test_bad_inputs_get_one_clear_line(mnist_small: Path, tmp_path: Path, shared
         "another --out",
     )
     _one_line_error(cli("eval", tmp_path / "run", "--data", mnist_small), 2, "test")
+    good_only = tmp_path / "good-only"  # a test split with normal images only: no AUROC, said before scoring
+    shutil.copytree(mnist_small, good_only)
+    (good_only / "test" / "good").mkdir(parents=True)
+    for image in sorted((good_only / "train" / "good").iterdir())[:5]:
+        shutil.copy(image, good_only / "test" / "good")
+    _one_line_error(cli("eval", tmp_path / "run", "--data", good_only), 2, "has no anomalous images", "test/<defect>/")
     _one_line_error(cli("eval", tmp_path / "no-run"), 2, "does not exist")
     if not torch.cuda.is_available():
         _one_line_error(

@@ -20,6 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from deploy.preprocess import InputSpec
 from trainer.datasets.folder import load_images, load_masks, scan_folder
+from trainer.errors import UserError
 from trainer.evaluate import image_metrics, pixel_auroc, save_extremes_grid, save_roc_plot
 from trainer.run_dir import FILE_SHA256, eval_dir, load_model, read_run_config, weights_epoch, write_json_atomic
 from trainer.train import resolve_device
@@ -66,6 +67,12 @@ def evaluate_run(
     model, ckpt = load_model(run, checkpoint, dev)
     mc = model.config
     index = scan_folder(data if data is not None else Path(cfg.data), need_test=True)
+    if not any(s.label == 1 and s.defect not in index.report_apart for s in index.test):
+        apart = f" (report_apart sets aside {', '.join(sorted(index.report_apart))})" if index.report_apart else ""
+        raise UserError(
+            f"{index.root / 'test'} has no anomalous images{apart}: AUROC needs test/<defect>/ folders beside "
+            "test/good/"
+        )
     spec = InputSpec(mc.image_size, mc.image_size, mc.channels)
 
     with Progress(
@@ -81,7 +88,10 @@ def evaluate_run(
 
     labels = np.array([s.label for s in index.test])
     defects = [s.defect for s in index.test]
-    metrics = image_metrics(scores, labels, defects, index.report_apart)
+    try:
+        metrics = image_metrics(scores, labels, defects, index.report_apart)
+    except ValueError as exc:  # e.g. NaN scores from a model whose training diverged
+        raise UserError(f"cannot evaluate {run}: {exc}") from None
     pix: float | None = None
     if index.has_masks:
         masks = load_masks(index.test, spec.height, spec.width)
