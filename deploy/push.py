@@ -445,12 +445,12 @@ def _import_paho() -> Any:
     try:
         import paho.mqtt.client as mqtt
     except ImportError:
-        raise PushError(
-            "edge-deploy push needs paho-mqtt 2: pip install 'paho-mqtt>=2.0' (or the daemon extra: "
-            "pip install 'edge-inspect[daemon]')"
+        raise PushError(  # exit 3: a capability missing on this machine (DESIGN.md)
+            "edge-deploy push needs paho-mqtt 2: pip install 'edge-inspect[push]' (or pip install 'paho-mqtt>=2.0')",
+            3,
         ) from None
     if not hasattr(mqtt, "CallbackAPIVersion"):
-        raise PushError("edge-deploy push needs paho-mqtt 2 (found 1.x): pip install -U 'paho-mqtt>=2.0'")
+        raise PushError("edge-deploy push needs paho-mqtt 2 (found 1.x): pip install -U 'paho-mqtt>=2.0'", 3)
     return mqtt
 
 

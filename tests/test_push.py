@@ -475,3 +475,14 @@ def test_cli_exit_codes(
         assert done.returncode == 2, (args, done.stdout, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], done.stderr
+    # no paho-mqtt on this machine (sys.modules[name] = None is how Python spells "not importable"): a capability
+    # missing here, exit 3 as DESIGN.md's exit codes say
+    hide_paho = (
+        "import runpy, sys; sys.modules['paho'] = None; "
+        f"sys.argv = ['edge-deploy', 'push', {str(bundle_tar)!r}, '--device', 'line3-ok', '--broker', {b!r}]; "
+        "runpy.run_module('deploy.cli', run_name='__main__')"
+    )
+    done = subprocess.run([sys.executable, "-c", hide_paho], cwd=REPO, capture_output=True, text=True, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 3 and len(lines) == 1, done.stderr
+    assert lines[0].startswith("error: edge-deploy push needs paho-mqtt 2: pip install 'edge-inspect[push]'")
