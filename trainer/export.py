@@ -18,9 +18,11 @@ Steps, each of which fails loudly rather than shipping something wrong:
    NaN/inf or a wrong shape, the export fails with the figures (``ExportParityError``, exit 1).
 4. Calibration on the held-out NORMAL images only (never test anomalies): raw min/max and
    quantiles, and a threshold that is either the ``1 - false_alarm_rate`` quantile of the held-out
-   scores (default rate 0.005; ``numpy.quantile`` with linear interpolation; an image is an alarm
-   when its raw score is ABOVE the threshold), or - with ``labelled_val`` - the F1-optimal threshold
-   on that folder's labelled ``test/*`` images. With few held-out images (the default hold-out is
+   scores (default rate 0.005; ``numpy.quantile`` with linear interpolation; the daemon alarms when a
+   score is at or above the threshold, so a quantile that falls on a held-out score is moved halfway to
+   the next one: ``quantile_threshold``), or - with ``labelled_val`` - the F1-optimal threshold
+   on that folder's labelled ``test/*`` images (those its dataset.json sets aside, ``report_apart``, left
+   out, as evaluation leaves them out). With few held-out images (the default hold-out is
    10% of train/good) the quantile is coarse: with n images the false-alarm rate can only be
    resolved to about 1/n, and a 0.5% target needs a few hundred images to mean what it says.
    ``Calibration.n_images`` and ``source`` record n, and the summary prints it.
@@ -59,7 +61,7 @@ from rich.console import Console
 
 from deploy.bundle import BundleError, pack_tar, write_bundle
 from deploy.manifest import Calibration, GoldenSpec, InputSpecModel, Manifest
-from deploy.preprocess import InputSpec
+from deploy.preprocess import InputSpec, to_float
 from deploy.signing import key_id, load_private_key
 from trainer.datasets.folder import FolderIndex, Sample, load_images, scan_folder
 from trainer.errors import CapabilityError, UserError
@@ -219,13 +221,29 @@ def compare_outputs(
     )
 
 
-def quantile_threshold(normal_scores: np.ndarray, false_alarm_rate: float) -> float:
-    """The ``1 - false_alarm_rate`` quantile (linear interpolation) of held-out normal scores.
+def _labelled_for_metrics(labelled: FolderIndex) -> list[Sample]:
+    """The labelled folder's test images that metrics count: those its dataset.json sets aside (ELPV's uncertain
+    cells) are neither normal nor anomalous."""
+    return [t for t in labelled.test if t.defect not in labelled.report_apart]
 
-    An image is an alarm when its score is above the threshold. Coarse with few scores: n scores
-    resolve the rate only to about 1/n.
+
+def quantile_threshold(normal_scores: np.ndarray, false_alarm_rate: float) -> float:
+    """The ``1 - false_alarm_rate`` quantile q (linear interpolation) of held-out normal scores, as a threshold
+    for the daemon's rule "alarm when score >= threshold" that alarms exactly the scores above q.
+
+    Where q falls on a held-out score (an integer quantile position: 201 scores at a 0.5% rate), the threshold
+    is moved halfway to the next higher score (just above q when there is none), so that score is not an alarm;
+    at q itself the daemon would alarm on it too and double the held-out false-alarm rate. Coarse with few
+    scores: n scores resolve the rate only to about 1/n.
     """
-    return float(np.quantile(np.asarray(normal_scores, dtype=np.float64), 1.0 - false_alarm_rate))
+    s = np.asarray(normal_scores, dtype=np.float64)
+    q = float(np.quantile(s, 1.0 - false_alarm_rate))
+    if not (s == q).any():
+        return q
+    above = s[s > q]
+    if above.size:
+        return float((q + above.min()) / 2.0)
+    return q + max(abs(q), float(s.max() - s.min()), 1e-12) * 1e-6
 
 
 def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -505,9 +523,10 @@ def _calibrate(
             n_images=n_held,
             source=held_text,
         )
-    labels = np.array([t.label for t in labelled.test])
-    console.print(f"scoring {len(labelled.test)} labelled images of {labelled.root}/test for the F1 threshold")
-    x = load_images(labelled.test, spec).astype(np.float32) / np.float32(255.0)
+    counted = _labelled_for_metrics(labelled)
+    labels = np.array([t.label for t in counted])
+    console.print(f"scoring {len(counted)} labelled images of {labelled.root}/test for the F1 threshold")
+    x = to_float(load_images(counted, spec))
     val_scores, _ = torch_outputs(model, x)
     threshold, f1 = f1_optimal_threshold(val_scores, labels)
     n_anom = int(labels.sum())
@@ -557,8 +576,12 @@ def export_run(
     _check_out(out)
     signer = _check_private_key(sign_key) if sign_key is not None else None
     labelled = scan_folder(labelled_val, need_test=True) if labelled_val is not None else None
-    if labelled is not None and not any(t.label for t in labelled.test):
-        raise UserError(f"--labelled-val {labelled_val} has no anomalous images in test/<defect>/")
+    if labelled is not None and not any(t.label for t in _labelled_for_metrics(labelled)):
+        apart = f" (besides {', '.join(sorted(labelled.report_apart))}, set aside by its dataset.json)"
+        raise UserError(
+            f"--labelled-val {labelled_val} has no anomalous images in test/<defect>/"
+            + (apart if labelled.report_apart else "")
+        )
     model, ckpt = load_model(run, checkpoint, "cpu")
     mc = model.config
     spec = InputSpec(mc.image_size, mc.image_size, mc.channels)
@@ -571,7 +594,7 @@ def export_run(
     held, held_u8 = _load_held_out(cfg, index, spec)
     anomalous = _pick_anomalous(index, N_GOLDEN_ANOMALOUS)
     anom_u8 = load_images(anomalous, spec) if anomalous else held_u8[:0]
-    x_all = np.concatenate([held_u8, anom_u8]).astype(np.float32) / np.float32(255.0)
+    x_all = to_float(np.concatenate([held_u8, anom_u8]))  # the daemon's own conversion: golden = what it feeds
     console.print(
         f"exporting {cfg.model} ({checkpoint} checkpoint, epoch {epoch}) from {run}: "
         f"{len(held)} held-out normal + {len(anomalous)} anomalous images at "

@@ -140,7 +140,17 @@ def load_model(run: Path, which: str = "best", device: torch.device | str = "cpu
         raise UserError(f"--checkpoint must be 'best' or 'last', not {which!r}")
     cfg = read_run_config(run)
     model = build_model(cfg.model, build_config(cfg.model, **cfg.model_config_values))
-    ckpt = load_checkpoint(run / CHECKPOINTS / f"{which}.pt", device)
-    model.load_state_dict(ckpt["model"])
+    path = run / CHECKPOINTS / f"{which}.pt"
+    ckpt = load_checkpoint(path, device)
+    if not isinstance(ckpt.get("model"), dict):
+        raise UserError(f"{path} is not a checkpoint of this trainer (no model weights in it)")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:  # missing, unexpected or mis-shaped weights: another model or image size
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0] if first else ""
+        raise UserError(
+            f"{path} does not fit the run's {cfg.model} model ({detail}): was it copied from another run?"
+        ) from None
     model.to(device).eval()
     return model, ckpt
