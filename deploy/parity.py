@@ -15,7 +15,10 @@ Tolerances (``Tolerances``):
 * fp32 backends use the bundle's own ``manifest.golden`` tolerances (the exporter writes
   score rtol 1e-4 for ONNX Runtime).
 * fp16 engines use looser ones, each at least the manifest's: score rtol ``FP16_SCORE_RTOL``
-  (1e-2), score atol ``FP16_SCORE_ATOL`` (1e-4), map atol ``FP16_MAP_ATOL`` (1e-2) times
+  (1e-2), score atol the manifest's times ``FP16_SCORE_ATOL_FACTOR`` (100: the exporter's atol is 1e-4 of the
+  held-out score span, capped at 1e-4, so fp16 may move a score by 1e-2 of that span; a fixed 1e-4 would let a
+  model whose scores span 8e-4 drift by 12 % of its span, i.e. 0.12 of a normalised score, and still pass),
+  map atol ``FP16_MAP_ATOL`` (1e-2) times
   ``max(1, max |map_expected|)`` (so a model whose maps are not in [0, 1] is judged relative to
   their scale). fp16 carries about 3 decimal digits (unit roundoff 4.9e-4); a few layers deep, an
   error of a few 1e-3 relative is normal, 1e-2 is the point where something is wrong.
@@ -44,7 +47,7 @@ GOLDEN_SCORES = "golden/scores.npy"
 GOLDEN_MAPS = "golden/maps.npy"
 
 FP16_SCORE_RTOL = 1e-2
-FP16_SCORE_ATOL = 1e-4
+FP16_SCORE_ATOL_FACTOR = 100.0
 FP16_MAP_ATOL = 1e-2
 
 
@@ -78,7 +81,7 @@ class Tolerances:
             scale = max(1.0, float(np.max(np.abs(expected_maps))))
         return Tolerances(
             score_rtol=max(self.score_rtol, FP16_SCORE_RTOL),
-            score_atol=max(self.score_atol, FP16_SCORE_ATOL),
+            score_atol=self.score_atol * FP16_SCORE_ATOL_FACTOR,
             map_atol=max(self.map_atol, FP16_MAP_ATOL * scale),
         )
 

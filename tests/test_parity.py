@@ -203,6 +203,25 @@ def test_fp16_tolerance_accepts_fp16_sized_error_that_fp32_rejects(exported: dic
     assert not report.ok and "score differs" in report.reason
 
 
+def test_fp16_score_tolerance_follows_the_bundles_score_scale(exported: dict, ort_run) -> None:
+    """A model whose scores are tiny (held-out span 8e-4, so the exporter's atol is 8e-8): an fp16 engine that is
+    off by 1e-4 moves a normalised score by 0.12 and must fail; one off by 1e-3 of the span passes."""
+    k = np.float32(4e-4) / np.float32(np.abs(exported["scores"]).max())  # the same model's scores, rescaled
+    tol = Tolerances(score_rtol=1e-4, score_atol=8e-8, map_atol=1e-4)
+    assert tol.for_precision("fp16").score_atol == pytest.approx(8e-6)
+
+    def off_by(delta: float):
+        return lambda x: (ort_run(x)[0] * k + np.float32(delta), ort_run(x)[1])
+
+    def gate(delta: float):
+        scores = (exported["scores"] * k).astype(np.float32)
+        return check_parity_arrays(off_by(delta), exported["inputs"], scores, exported["maps"], tol, precision="fp16")
+
+    assert gate(8e-7).ok, gate(8e-7).summary()
+    report = gate(1e-4)
+    assert not report.ok and "score differs" in report.reason
+
+
 def test_tolerances_validated() -> None:
     with pytest.raises(ValueError, match="score_rtol"):
         Tolerances(score_rtol=-1.0, score_atol=0.0, map_atol=0.0)
