@@ -5,6 +5,7 @@ carries golden files and verifies against the signing key. Bad input is refused 
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import tarfile
@@ -267,6 +268,13 @@ def test_labelled_val_gives_the_f1_optimal_threshold(trained, tiles: Path, tmp_p
 
     best = max(f1(t) for t in [*scores, scores.min() - 1])
     assert f1(cal.threshold) == pytest.approx(best)
+    assert "own test split" not in cal.source
+    # The run's own data as the labelled set: allowed (it may be all the labelled data there is), but said, on
+    # the console and in the manifest, since the threshold is then tuned on the images eval reports on.
+    said = Console(file=io.StringIO(), width=400)
+    own = export_run(run, tmp_path / "own", labelled_val=tiles, console=said)
+    assert "is the run's own data" in said.file.getvalue()  # type: ignore[attr-defined]
+    assert "the run's own test split" in own.manifest.calibration.source
     # Unsigned: verify refuses it unless a signature is not required.
     with pytest.raises(BundleError, match="signature"):
         verify_bundle(result.bundle, [])
@@ -460,6 +468,28 @@ def test_bad_input_is_one_line_user_error(trained, keys: tuple[Path, Path], tile
         assert words in _one_line(e) and "--sign-key" in str(e.value)
     assert not (tmp_path / "o6").exists()
 
+    # Too few normal images to calibrate: 8 in train/good hold out 1, one score, no spread to set a threshold on.
+    few = tmp_path / "few"
+    (few / "train" / "good").mkdir(parents=True)
+    for image in sorted((tiles / "train" / "good").iterdir())[:8]:
+        shutil.copy(image, few / "train" / "good")
+    tiny = tmp_path / "tiny-run"
+    options = TrainOptions(
+        model="ae",
+        data=few,
+        out=tiny,
+        epochs=1,
+        batch_size=4,
+        image_size=32,
+        channels=1,
+        device="cpu",
+        model_options=dict(TINY["ae"]),
+    )
+    train(options, console=QUIET)
+    with pytest.raises(UserError) as e:
+        export_run(tiny, tmp_path / "o8", console=QUIET)
+    assert "the 1 held-out normal image(s) all score" in _one_line(e) and "more images in train/good" in _one_line(e)
+
     # Training data changed since the run: the held-out split cannot be reproduced.
     moved = tmp_path / "moved-data"
     shutil.copytree(tiles, moved)
@@ -472,3 +502,12 @@ def test_bad_input_is_one_line_user_error(trained, keys: tuple[Path, Path], tile
     with pytest.raises(UserError) as e:
         export_run(other, tmp_path / "o7", console=QUIET)
     assert "changed since training" in _one_line(e)
+    # The same number of images, but one swapped for another: the sorted order shifts and the held-out indices
+    # would point at training images. The run's held-out digest tells.
+    (moved / "train" / "good" / "extra.jpg").unlink()
+    first = sorted((moved / "train" / "good").iterdir())[0]
+    shutil.copy(first, first.with_name("0-swapped-in.jpg"))
+    first.unlink()
+    with pytest.raises(UserError) as e:
+        export_run(other, tmp_path / "o7", console=QUIET)
+    assert "still holds" in _one_line(e) and "not the same ones" in _one_line(e)

@@ -43,14 +43,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import hashlib
 import io
 import json
 import shutil
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +62,7 @@ from deploy.bundle import BundleError, pack_tar, write_bundle
 from deploy.manifest import Calibration, GoldenSpec, InputSpecModel, Manifest
 from deploy.preprocess import InputSpec, to_float
 from deploy.signing import key_id, load_private_key
-from trainer.datasets.folder import FolderIndex, Sample, load_images, scan_folder
+from trainer.datasets.folder import FolderIndex, Sample, data_digest, load_images, scan_folder
 from trainer.errors import CapabilityError, UserError
 from trainer.models import Detector
 from trainer.run_dir import FILE_SHA256, RunConfig, eval_dir, load_model, read_run_config, weights_epoch
@@ -274,20 +273,6 @@ def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float,
     return float(threshold), float(f1[best])
 
 
-def data_digest(root: Path, samples: Sequence[Sample]) -> str:
-    """sha256 over the sorted (path relative to ``root`` as posix, sha256 hex of the file bytes) pairs.
-
-    Each pair is fed as ``"<relative name>\\0<hex>\\n"`` (UTF-8).
-    """
-    pairs = []
-    for sample in samples:
-        pairs.append((sample.path.relative_to(root).as_posix(), hashlib.sha256(sample.path.read_bytes()).hexdigest()))
-    h = hashlib.sha256()
-    for name, hexdigest in sorted(pairs):
-        h.update(f"{name}\0{hexdigest}\n".encode())
-    return h.hexdigest()
-
-
 def _spread(n_items: int, k: int) -> list[int]:
     """Up to ``k`` indices spread evenly over ``range(n_items)``, in order, without repeats."""
     if n_items <= k:
@@ -495,6 +480,12 @@ def _load_held_out(cfg: RunConfig, index: FolderIndex, spec: InputSpec) -> tuple
         )
     _, va_idx = split_train_val(n, cfg.val_fraction, cfg.seed)
     held = [index.train[i] for i in va_idx]
+    if cfg.held_out_digest and data_digest(index.root, held) != cfg.held_out_digest:
+        raise UserError(
+            f"the run's data {cfg.data} changed since training: train/good still holds {n} images, but not the "
+            "same ones (a file replaced, renamed or edited), so the held-out split would now pick images the "
+            "model may have trained on; export a run trained on the data as it is now"
+        )
     return held, load_images(held, spec)
 
 
@@ -506,9 +497,15 @@ def _calibrate(
     spec: InputSpec,
     false_alarm_rate: float,
     labelled: FolderIndex | None,
+    data: Path,
     console: Console,
 ) -> Calibration:
     s = held_scores.astype(np.float64)
+    if not s.max() > s.min():  # every normalised score would be clamped to 0 or 1 around one value
+        raise UserError(
+            f"the {n_held} held-out normal image(s) all score {s[0]:.6g}: calibration needs a spread of normal "
+            f"scores; put more images in train/good (the run holds out {val_fraction:.0%} of them) and train again"
+        )
     quantiles = {f"{q:g}": float(np.quantile(s, q)) for q in QUANTILES}
     held_text = f"held-out {val_fraction:.0%} of train/good ({n_held} images, the run's validation split)"
     if labelled is None:
@@ -525,11 +522,20 @@ def _calibrate(
         )
     counted = _labelled_for_metrics(labelled)
     labels = np.array([t.label for t in counted])
+    own_test = labelled.root.resolve() == Path(data).resolve()
+    if own_test:
+        console.print(
+            f"[yellow]warning:[/] --labelled-val {labelled.root} is the run's own data: the threshold is tuned on "
+            "the test images eval reports on, so its F1 here, and any check of it on those images, overstate how "
+            "it does on new parts; a labelled folder of other images avoids that",
+            highlight=False,
+        )
     console.print(f"scoring {len(counted)} labelled images of {labelled.root}/test for the F1 threshold")
     x = to_float(load_images(counted, spec))
     val_scores, _ = torch_outputs(model, x)
     threshold, f1 = f1_optimal_threshold(val_scores, labels)
     n_anom = int(labels.sum())
+    own_note = "; the run's own test split: F1 measured where it was tuned" if own_test else ""
     return Calibration(
         method="f1",
         target_false_alarm_rate=None,
@@ -540,7 +546,7 @@ def _calibrate(
         n_images=n_held,
         source=(
             f"threshold: F1-optimal (F1 {f1:.4f}) on {labelled.root}/test ({len(labels) - n_anom} normal, "
-            f"{n_anom} anomalous); raw range and quantiles: {held_text}"
+            f"{n_anom} anomalous{own_note}); raw range and quantiles: {held_text}"
         ),
     )
 
@@ -614,7 +620,7 @@ def export_run(
             raise ExportParityError(parity)
 
         calibration = _calibrate(
-            model, t_scores[:n_held], n_held, cfg.val_fraction, spec, false_alarm_rate, labelled, console
+            model, t_scores[:n_held], n_held, cfg.val_fraction, spec, false_alarm_rate, labelled, data, console
         )
 
         g_norm = _spread(n_held, N_GOLDEN_NORMAL)

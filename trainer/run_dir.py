@@ -45,12 +45,18 @@ class RunConfig(BaseModel):
     val_fraction: float = Field(0.1, gt=0, lt=1)
     n_train: int = Field(ge=1, description="images trained on (train/good minus the held-out part)")
     n_val: int = Field(ge=1, description="held-out normal images used to pick the best checkpoint")
+    held_out_digest: str = Field(
+        "", description="data_digest of the held-out images (export calibrates on them); empty in older runs"
+    )
     created: str = ""
 
     def same_run_as(self, other: RunConfig) -> list[str]:
-        """Names of the settings that differ from ``other``, ignoring ``epochs`` and ``created``."""
-        mine = self.model_dump(exclude={"epochs", "created"})
-        theirs = other.model_dump(exclude={"epochs", "created"})
+        """Names of the settings that differ from ``other``, ignoring ``epochs`` and ``created`` (and
+        ``held_out_digest`` when either run predates it)."""
+        skip = {"epochs", "created"} | (
+            {"held_out_digest"} if "" in (self.held_out_digest, other.held_out_digest) else set()
+        )
+        mine, theirs = self.model_dump(exclude=skip), other.model_dump(exclude=skip)
         return sorted(k for k in mine if mine[k] != theirs[k])
 
 

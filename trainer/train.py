@@ -29,7 +29,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from deploy.preprocess import InputSpec
-from trainer.datasets.folder import DEFAULT_WORKERS, FolderIndex, infer_channels, load_images, scan_folder
+from trainer.datasets.folder import (
+    DEFAULT_WORKERS,
+    FolderIndex,
+    data_digest,
+    infer_channels,
+    load_images,
+    scan_folder,
+)
 from trainer.errors import CapabilityError, DatasetError, UserError
 from trainer.models import Detector, build_config, build_model, model_class
 from trainer.run_dir import (
@@ -189,6 +196,7 @@ def _resolve_config(opts: TrainOptions, existing: RunConfig | None, index: Folde
         val_fraction=opts.val_fraction,
         n_train=len(tr),
         n_val=len(va),
+        held_out_digest=data_digest(index.root, [index.train[i] for i in va]),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     if existing is None:

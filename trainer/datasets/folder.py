@@ -17,6 +17,7 @@ an image suffix that cannot be decoded is an error (``DatasetError`` naming the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -336,3 +337,22 @@ def describe_folder(root: Path) -> FolderReport:
         channels=frozenset(c for _, _, c in shapes),
         report_apart=index.report_apart,
     )
+
+
+def data_digest(root: Path, samples: Sequence[Sample]) -> str:
+    """sha256 over the sorted (path relative to ``root`` as posix, sha256 hex of the file bytes) pairs: what
+    a bundle records of its training data, and a run of its held-out images. DatasetError on an unreadable file.
+
+    Each pair is fed as ``"<relative name>\\0<hex>\\n"`` (UTF-8).
+    """
+    pairs = []
+    for sample in samples:
+        try:
+            data = sample.path.read_bytes()
+        except OSError as exc:
+            raise DatasetError(f"cannot read {sample.path}: {exc.strerror or exc}") from None
+        pairs.append((sample.path.relative_to(root).as_posix(), hashlib.sha256(data).hexdigest()))
+    h = hashlib.sha256()
+    for name, hexdigest in sorted(pairs):
+        h.update(f"{name}\0{hexdigest}\n".encode())
+    return h.hexdigest()
