@@ -56,17 +56,55 @@ def _cv2():  # type: ignore[no-untyped-def]
     return cv2
 
 
+def _jpeg_is_truncated(data: bytes) -> bool:
+    """True when a JPEG's entropy-coded data is not followed by an EOI marker (FF D9).
+
+    The marker segments before the first scan are walked by their lengths (so an EXIF thumbnail's
+    own EOI is skipped), then EOI is looked for anywhere after that scan's header: entropy-coded
+    data cannot contain FF D9, and bytes after EOI (maker trailers, padding) are allowed. A header
+    that cannot be walked is left to the decoder to judge.
+    """
+    i = 2
+    while i + 4 <= len(data):
+        if data[i] != 0xFF:
+            return False  # not a marker where one must be: corrupt, not truncated
+        marker = data[i + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        if marker == 0xD9:
+            return False
+        end = i + 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+        if marker == 0xDA:
+            return data.find(b"\xff\xd9", end) == -1
+        i = end
+    return True  # the file ends inside its headers
+
+
+def _png_is_truncated(data: bytes) -> bool:
+    """True when a PNG's chunks, walked by their lengths, end before the IEND chunk."""
+    i = 8
+    while i + 8 <= len(data):
+        length = int.from_bytes(data[i : i + 4], "big")
+        if data[i + 4 : i + 8] == b"IEND":
+            return i + 12 > len(data)  # IEND carries no data, only its CRC
+        i += 12 + length  # length, type, data, CRC
+    return True
+
+
 def _looks_truncated(data: bytes) -> bool:
-    """True when a PNG or JPEG byte string lacks its end marker (a partial write or copy).
+    """True when a PNG or JPEG byte string ends before its end marker (a partial write or copy).
 
     OpenCV decodes a truncated JPEG into a grey-padded image with only a warning, so the end
-    markers are checked here: JPEG's EOI (FF D9) must appear near the end (entropy-coded data
-    cannot contain it), PNG's IEND chunk must be present.
+    markers are checked here. Data after the end marker (a camera's trailer) is not truncation.
     """
     if data[:3] == b"\xff\xd8\xff":
-        return b"\xff\xd9" not in data[-64:]
+        return _jpeg_is_truncated(data)
     if data[:8] == b"\x89PNG\r\n\x1a\n":
-        return b"IEND" not in data[-16:]
+        return _png_is_truncated(data)
     return False
 
 

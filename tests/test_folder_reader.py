@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from deploy.preprocess import InputSpec, decode_image, prepare_uint8, resize
+from deploy.preprocess import ImageReadError, InputSpec, decode_image, prepare_uint8, resize
 from trainer.datasets import prepare
 from trainer.datasets.folder import (
     FolderIndex,
@@ -286,3 +286,26 @@ def test_bad_report_apart(shared_data: Path, tmp_path: Path) -> None:
     (root / "dataset.json").write_text(json.dumps({"report_apart": "pitting"}))
     with pytest.raises(DatasetError, match="report_apart"):
         scan_folder(root)
+
+
+def test_end_markers_judge_truncation(shared_data: Path) -> None:
+    """A JPEG or PNG cut short is refused; bytes after its end marker (a camera's trailer) are not a cut."""
+    jpeg = sorted((shared_data / "bsdata_pitting" / "train" / "good").iterdir())[0]
+    png = shared_data / "mvtec_bottle" / "train" / "good" / "000.png"
+    for path in (jpeg, png):
+        data = path.read_bytes()
+        whole = decode_image(path)
+        # A maker trailer, zero padding, or a second image appended (as some phones do): the image is whole.
+        for tail in (b"\x00" * 4096, b"SEFT" + bytes(range(256)) * 8, data):
+            assert np.array_equal(decode_image(data + tail, name=path.name), whole)
+        for cut in (len(data) // 2, len(data) - 1, 200):
+            with pytest.raises(ImageReadError, match=f"{path.name}: the file is truncated"):
+                decode_image(data[:cut], name=path.name)
+    # An APP1 (EXIF) segment holding a thumbnail with its own EOI, before the image's scan, does not make
+    # a cut image look complete.
+    jpeg_data = jpeg.read_bytes()
+    payload = b"Exif\x00\x00" + jpeg_data[:600] + b"\xff\xd9"
+    with_thumbnail = b"\xff\xd8\xff\xe1" + (len(payload) + 2).to_bytes(2, "big") + payload + jpeg_data[2:]
+    assert np.array_equal(decode_image(with_thumbnail, name="t.jpg"), decode_image(jpeg))
+    with pytest.raises(ImageReadError, match="truncated"):
+        decode_image(with_thumbnail[: len(with_thumbnail) // 2], name="t.jpg")
