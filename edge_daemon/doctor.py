@@ -19,6 +19,7 @@ from edge_daemon import __version__
 
 if TYPE_CHECKING:
     from edge_daemon.config import DaemonConfig
+    from edge_daemon.model import LoadedBundle
 
 TEGRA_RELEASE = Path("/etc/nv_tegra_release")
 OPENCV_HINT = (
@@ -236,6 +237,7 @@ def run_checks(config_path: Path | None) -> list[Check]:
                     f"signed by {bundle.key_id or 'nobody (allow_unsigned)'}",
                 )
             )
+            checks.append(check_bundle_preprocessing(bundle))
     except BundleError as exc:
         checks.append(Check("FAIL", "bundle", f"{config.bundle}: {exc}"))
     checks.append(check_update_state(config))
@@ -250,6 +252,22 @@ def run_checks(config_path: Path | None) -> list[Check]:
         else:
             checks.append(Check("ok", f"camera {cam.id}", f"{spec.kind} source {cam.source}"))
     return checks
+
+
+def check_bundle_preprocessing(bundle: LoadedBundle) -> Check:
+    """Does this OpenCV prepare the bundle's golden source images as the trainer's did (deploy.preprocess_check),
+    and how far do differences move the normalised score (ONNX Runtime, CPU)? A difference is a warning: the
+    daemon serves, but its scores are not quite the ones the bundle was calibrated and evaluated with."""
+    from deploy.parity import onnxruntime_runner
+    from deploy.preprocess_check import check_preprocessing
+
+    try:
+        report = check_preprocessing(bundle.root, bundle.manifest, onnxruntime_runner(bundle.onnx_path))
+    except Exception as exc:  # an image this OpenCV cannot decode, an ONNX Runtime that cannot load: said, not raised
+        return Check("warn", "preprocess", f"not checked: {exc}")
+    if report is None:
+        return Check("warn", "preprocess", "not checked: the bundle carries no golden source images (an older export)")
+    return Check("ok" if report.identical else "warn", "preprocess", report.summary())
 
 
 def check_update_state(config: DaemonConfig) -> Check:

@@ -151,7 +151,13 @@ class Daemon:
         except BackendError as exc:
             raise StartupError(str(exc), 1) from None
         log.info(
-            "model %s %s (sha %s) on %s: %s", bundle.name, bundle.version, bundle.sha[:12], backend.kind, backend.parity
+            "model %s %s (sha %s) on %s: %s; preprocessing: %s",
+            bundle.name,
+            bundle.version,
+            bundle.sha[:12],
+            backend.kind,
+            backend.parity,
+            backend.preprocessing,
         )
         return bundle, backend
 

@@ -278,3 +278,39 @@ def test_doctor_says_which_model_the_daemon_will_start_on(signed_bottle_bundle: 
     line = update_line()
     assert line.startswith("warn") and "cannot be read" in line, line
     assert state_file.read_text() == "{not json"  # read only
+
+
+def test_doctor_checks_this_opencv_prepares_the_golden_images_as_the_trainer(
+    signed_bottle_bundle: SignedBundle, tmp_path: Path
+) -> None:
+    """The "preprocess" line: the bundle's golden source images, prepared by this OpenCV, against the golden inputs.
+    Here they match; a bundle whose first source decodes to other pixels (re-encoded as a JPEG, as another
+    decoder would differ) is a warning with the figures."""
+    import cv2
+
+    from deploy.bundle import verify_bundle, write_bundle
+
+    b = signed_bottle_bundle
+
+    def preprocess_line(bundle: Path) -> str:
+        cfg = write_config(tmp_path, bundle, b.public_key, 9, [{"id": "cam0", "source": str(tmp_path / "x.avi")}])
+        res = cli("doctor", "--config", cfg)
+        assert "Traceback" not in res.stderr, res.stderr
+        lines = [ln for ln in res.stdout.splitlines() if ln.split()[1:2] == ["preprocess"]]
+        assert len(lines) == 1, res.stdout
+        return lines[0]
+
+    line = preprocess_line(b.path)
+    assert line.startswith("ok    preprocess   this OpenCV prepares the 12 golden source images exactly"), line
+
+    manifest = verify_bundle(b.path, [b.public_key])
+    files: dict[str, Path | bytes] = {name: b.path / name for name in manifest.files}
+    first = sorted(name for name in files if name.startswith("golden/sources/"))[0]
+    ok, jpeg = cv2.imencode(".jpg", cv2.imread(str(b.path / first)), [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert ok
+    files[first] = jpeg.tobytes()
+    other = tmp_path / "reencoded"
+    write_bundle(other, manifest.model_copy(update={"files": {}}), files, b.private_key)
+    line = preprocess_line(other)
+    assert line.startswith("warn  preprocess   this OpenCV prepares 1 of the 12 golden source images differently"), line
+    assert "normalised scores move by up to" in line

@@ -79,6 +79,7 @@ def test_video_to_events_and_crops(signed_bottle_bundle: SignedBundle, line: Lin
     info = json.loads([m for m in msgs if m.topic == f"{PREFIX}/info"][-1].payload)
     assert info["model"]["sha"] == model_sha(b) and info["backend"]["kind"] == "onnxruntime"
     assert "parity ok" in info["backend"]["parity"]
+    assert "prepares the 12 golden source images exactly as the trainer did" in info["backend"]["preprocessing"]
     cam_status = [json.loads(m.payload)["state"] for m in msgs if m.topic == f"{PREFIX}/cam0/status"]
     assert "online" in cam_status and cam_status[-1] == "ended"
 

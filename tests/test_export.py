@@ -11,6 +11,7 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import cv2
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -19,7 +20,9 @@ import torch
 from rich.console import Console
 
 from deploy.bundle import BundleError, verify_bundle
-from deploy.preprocess import InputSpec
+from deploy.parity import onnxruntime_runner
+from deploy.preprocess import ImageReadError, InputSpec, decode_image, prepare_uint8, to_float
+from deploy.preprocess_check import check_preprocessing
 from deploy.signing import generate_keypair
 from trainer.datasets.folder import load_images, scan_folder
 from trainer.errors import UserError
@@ -48,7 +51,9 @@ TINY: dict[str, dict[str, object]] = {
 SIZE = {"alcn": 28}
 VAL_FRACTION = 0.2
 QUIET = Console(stderr=True, quiet=True)
+# the graph, the golden set, and the golden images' own files (magnetic_tile: JPEG)
 GOLDEN_FILES = {"model.onnx", "golden/inputs.npy", "golden/scores.npy", "golden/maps.npy"}
+GOLDEN_FILES |= {f"golden/sources/{row:02d}.jpg" for row in range(12)}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -217,6 +222,10 @@ def test_every_model_exports_a_verified_bundle(name: str, trained, keys: tuple[P
     cfg = read_run_config(run)
     assert (t["n_train"], t["n_val"], t["epochs"], t["seed"]) == (cfg.n_train, cfg.n_val, 1, cfg.seed)
     assert len(t["data_digest"]) == 64 and t["data"] == cfg.data
+
+    # The golden sources prepare, here, to exactly the golden inputs: the device-side check finds nothing.
+    report = check_preprocessing(out, manifest, onnxruntime_runner(out / "model.onnx"))
+    assert report is not None and report.identical and report.n == 12 and report.max_score_shift == 0.0
     print(f"\nEXPORT {name}: {result.seconds:.2f} s, {result.bundle_bytes:,} bytes, {result.parity.summary()}")
 
 
@@ -511,3 +520,35 @@ def test_bad_input_is_one_line_user_error(trained, keys: tuple[Path, Path], tile
     with pytest.raises(UserError) as e:
         export_run(other, tmp_path / "o7", console=QUIET)
     assert "still holds" in _one_line(e) and "not the same ones" in _one_line(e)
+
+
+def test_golden_sources_tell_a_device_that_prepares_images_differently(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """deploy.preprocess_check on a bundle whose first golden source decodes to other pixels, as under another
+    libjpeg: re-encoded at JPEG quality 75. The figures are the pixel and normalised-score differences."""
+    out = tmp_path / "b"
+    export_run(trained("ae"), out, console=QUIET)
+    manifest = verify_bundle(out, [], require_signature=False)
+    runner = onnxruntime_runner(out / "model.onnx")
+    source = out / "golden" / "sources" / "00.jpg"
+    ok, jpeg = cv2.imencode(".jpg", cv2.imread(str(source), cv2.IMREAD_UNCHANGED), [cv2.IMWRITE_JPEG_QUALITY, 75])
+    assert ok
+    source.write_bytes(jpeg.tobytes())
+    report = check_preprocessing(out, manifest, runner)
+    assert report is not None and not report.identical
+    assert report.n == 12 and report.n_differ == 1 and report.max_levels >= 1 and 0 < report.share < 1 / 12
+    # the shift, computed here from the two preparations of row 0
+    golden_x = np.load(out / "golden" / "inputs.npy")[:1]
+    here_x = to_float(prepare_uint8(decode_image(source), InputSpec(32, 32, 1))[None])
+    cal = manifest.calibration
+    want = abs(cal.normalise(float(runner(here_x)[0][0])) - cal.normalise(float(runner(golden_x)[0][0])))
+    assert report.max_score_shift == pytest.approx(want, abs=1e-6)
+    assert "prepares 1 of the 12 golden source images differently" in report.summary()
+    # Without a backend: the pixel figures only.
+    assert check_preprocessing(out, manifest).max_score_shift is None  # type: ignore[union-attr]
+    # A source this OpenCV cannot decode is named.
+    (out / "golden" / "sources" / "01.jpg").write_bytes(b"not a JPEG")
+    with pytest.raises(ImageReadError, match="golden/sources/01.jpg"):
+        check_preprocessing(out, manifest, runner)
+    # A bundle exported before the sources existed: nothing to check.
+    older = manifest.model_copy(update={"files": {k: v for k, v in manifest.files.items() if "sources" not in k}})
+    assert check_preprocessing(out, older, runner) is None

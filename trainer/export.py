@@ -32,6 +32,9 @@ Steps, each of which fails loudly rather than shipping something wrong:
    pass before it serves; the manifest's golden tolerances are ``score_rtol = 1e-4``, ``score_atol``
    and ``map_atol`` as above. The gate's rule ``|diff| <= atol + rtol * |s|`` is at least as loose
    as the export check's ``max(atol, rtol * |s|)``, so the exported graph passes its own gate.
+   The golden images' source files go along as ``golden/sources/<row>.<ext>`` (up to
+   ``GOLDEN_SOURCES_MAX_BYTES`` in all), so that a device can check that its OpenCV prepares them as
+   this machine did (``deploy.preprocess_check``).
 6. ``deploy.bundle.write_bundle`` writes ``manifest.json`` (hashing every file), signs it when a
    key is given, and the bundle is optionally packed into a reproducible ``.tar``.
 
@@ -61,6 +64,7 @@ from rich.console import Console
 from deploy.bundle import BundleError, pack_tar, write_bundle
 from deploy.manifest import Calibration, GoldenSpec, InputSpecModel, Manifest
 from deploy.preprocess import InputSpec, to_float
+from deploy.preprocess_check import GOLDEN_SOURCES, golden_sources, source_name
 from deploy.signing import key_id, load_private_key
 from trainer.datasets.folder import FolderIndex, Sample, data_digest, load_images, scan_folder
 from trainer.errors import CapabilityError, UserError
@@ -77,6 +81,8 @@ MAP_TOL = 1e-4
 """Map tolerance, relative to max(1, the largest |map| value): an absolute bound per bundle."""
 N_GOLDEN_NORMAL = 8
 N_GOLDEN_ANOMALOUS = 4
+GOLDEN_SOURCES_MAX_BYTES = 16 * 1024 * 1024
+"""The golden images' source files ride along up to this total (in golden order); larger ones stay behind."""
 QUANTILES = (0.5, 0.9, 0.99, 0.995, 0.999)
 BATCH = 64
 
@@ -271,6 +277,23 @@ def f1_optimal_threshold(scores: np.ndarray, labels: np.ndarray) -> tuple[float,
     else:
         threshold = lowest_alarm - max(1e-6, abs(lowest_alarm) * 1e-6)
     return float(threshold), float(f1[best])
+
+
+def _golden_sources(samples: list[Sample]) -> dict[str, bytes]:
+    """Golden row -> its source file's bytes under ``source_name``, in golden order, while the total stays within
+    ``GOLDEN_SOURCES_MAX_BYTES``. UserError when a file cannot be read (it was read moments ago)."""
+    out: dict[str, bytes] = {}
+    total = 0
+    for row, sample in enumerate(samples):
+        try:
+            data = sample.path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"cannot read {sample.path}: {exc.strerror or exc}") from None
+        total += len(data)
+        if total > GOLDEN_SOURCES_MAX_BYTES:
+            break
+        out[source_name(row, sample.path.suffix)] = data
+    return out
 
 
 def _spread(n_items: int, k: int) -> list[int]:
@@ -667,6 +690,8 @@ def export_run(
             "golden/scores.npy": _npy_bytes(np.ascontiguousarray(t_scores[g_idx], dtype=np.float32)),
             "golden/maps.npy": _npy_bytes(np.ascontiguousarray(t_maps[g_idx], dtype=np.float32)),
         }
+        sources = _golden_sources([held[i] for i in g_norm] + anomalous)
+        files.update(sources)
         bundle_dir = scratch / "bundle" if tar else out
         try:
             manifest = write_bundle(bundle_dir, manifest, files, sign_key)
@@ -698,7 +723,11 @@ def _print_summary(
 ) -> None:
     cal = manifest.calibration
     lines = [f"bundle {out} ({total:,} bytes, {seconds:.1f} s):"]
-    lines += [f"  {name:<20} {size:>12,} bytes" for name, size in sizes.items()]
+    shown: dict[str, int] = {}
+    for name, size in sizes.items():  # the golden source files add up to one line
+        key = f"{GOLDEN_SOURCES}/ ({len(golden_sources(manifest))} files)" if name.startswith(GOLDEN_SOURCES) else name
+        shown[key] = shown.get(key, 0) + size
+    lines += [f"  {name:<20} {size:>12,} bytes" for name, size in shown.items()]
     if cal.method == "quantile":
         how = f"{1 - (cal.target_false_alarm_rate or 0):g} quantile of {cal.n_images} held-out normal scores"
         if cal.n_images < 200:
@@ -708,5 +737,11 @@ def _print_summary(
         lines.append(f"  threshold {cal.threshold:.6g}: {cal.source.removeprefix('threshold: ')}")
     lines.append(f"  held-out normal scores: range [{cal.raw_min:.6g}, {cal.raw_max:.6g}], n = {cal.n_images}")
     lines.append(f"  golden {manifest.golden.n} images (labels {manifest.golden.labels}); parity {parity.summary()}")
+    n_sources = len(golden_sources(manifest))
+    if n_sources < manifest.golden.n:
+        lines.append(
+            f"  golden source files: {n_sources} of {manifest.golden.n} carried (the rest are over "
+            f"{GOLDEN_SOURCES_MAX_BYTES // 2**20} MiB in all): a device checks its preprocessing on those only"
+        )
     lines.append(f"  signed by key {signer}" if signer else "  UNSIGNED (pass --sign-key, or edge-deploy sign later)")
     console.print("\n".join(lines), highlight=False)

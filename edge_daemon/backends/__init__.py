@@ -18,6 +18,7 @@ from typing import Literal
 from deploy.engines import EnginePrecision, probe_device
 from deploy.manifest import BundleError
 from deploy.parity import check_parity
+from deploy.preprocess_check import check_preprocessing
 from edge_daemon.backends.base import Backend, BackendError, BackendUnavailable, Runner
 from edge_daemon.backends.onnxruntime import available_providers, open_onnxruntime
 from edge_daemon.backends.tensorrt import EngineBuild, open_tensorrt
@@ -30,6 +31,7 @@ __all__ = [
     "EngineBuild",
     "Runner",
     "available_providers",
+    "check_preprocessing_here",
     "gate",
     "another_backend",
     "select_backend",
@@ -68,11 +70,50 @@ def select_backend(
     build_time_limit_s: float = 3600.0,
 ) -> tuple[Backend, EngineBuild | None]:
     """The gated backend that serves ``bundle`` now, and the engine build under way (or None), which is reported
-    as timed out after ``build_time_limit_s`` seconds.
+    as timed out after ``build_time_limit_s`` seconds. The backend's ``preprocessing`` says whether this device
+    prepares the bundle's golden source images as the trainer did (``check_preprocessing_here``).
 
     BackendUnavailable when ``choice`` is "tensorrt" and TensorRT or a GPU is missing; BackendError when nothing
     passes the gate.
     """
+    backend, build = _gated_backend(
+        bundle,
+        choice,
+        max_batch=max_batch,
+        cache_dir=cache_dir,
+        precision=precision,
+        build_time_limit_s=build_time_limit_s,
+    )
+    backend.preprocessing = check_preprocessing_here(backend, bundle)
+    return backend, build
+
+
+def check_preprocessing_here(backend: Backend, bundle: LoadedBundle) -> str:
+    """One line: does this device's OpenCV prepare the bundle's golden source images as the trainer did, and by how
+    much do differences move the normalised score on ``backend``. A difference is logged as a warning; the daemon
+    serves either way (advice for the engineer, who can compare JetPack's OpenCV with the trainer's)."""
+    try:
+        report = check_preprocessing(bundle.root, bundle.manifest, backend.run)
+    except Exception as exc:  # advice only: nothing about it may stop a model that passed its gate from serving
+        line = f"not checked: {exc}"
+        log.warning("preprocessing check of %s %s %s", bundle.name, bundle.version, line)
+        return line
+    if report is None:
+        return "not checked: the bundle carries no golden source images (exported before they were added)"
+    if not report.identical:
+        log.warning("%s %s: %s", bundle.name, bundle.version, report.summary())
+    return report.summary()
+
+
+def _gated_backend(
+    bundle: LoadedBundle,
+    choice: BackendChoice,
+    *,
+    max_batch: int,
+    cache_dir: Path | None,
+    precision: EnginePrecision,
+    build_time_limit_s: float,
+) -> tuple[Backend, EngineBuild | None]:
     if choice in ("auto", "tensorrt"):
         device = probe_device()
         missing = device.missing()
@@ -112,10 +153,12 @@ def finish_build(build: EngineBuild, bundle: LoadedBundle) -> Backend | None:
         if backend is None:
             log.warning("the TensorRT engine built in %s cannot be found; ONNX Runtime keeps serving", build.cache_dir)
             return None
-        return gate(backend, bundle)
+        backend = gate(backend, bundle)
     except BackendError as exc:
         log.warning("the new TensorRT engine is refused (%s); ONNX Runtime keeps serving", exc)
         return None
+    backend.preprocessing = check_preprocessing_here(backend, bundle)
+    return backend
 
 
 def another_backend(backend: Backend, bundle: LoadedBundle, *, cache_dir: Path | None) -> Backend:

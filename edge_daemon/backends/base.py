@@ -33,6 +33,7 @@ class Backend:
     precision: str
     run: Runner = field(repr=False)
     parity: str | None = None  # the golden gate's one-line summary once it passed
+    preprocessing: str | None = None  # check_preprocessing_here's line (select_backend, finish_build)
 
     def describe(self) -> dict[str, str | int | None]:
         """For P/info, /healthz and logs."""
@@ -42,4 +43,5 @@ class Backend:
             "max_batch": self.max_batch,
             "precision": self.precision,
             "parity": self.parity,
+            "preprocessing": self.preprocessing,
         }
