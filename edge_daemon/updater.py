@@ -461,35 +461,47 @@ class Updater:
     # ------------------------------------------------------------------ probation (housekeeping thread)
 
     def tick(self) -> None:
-        """Check the model on probation: roll back on trouble, make it active when the window has passed."""
-        with self._lock:
-            p = self._probation
-            if p is None or p["baseline"] is None:
-                return
-            cfg = self.config.updates
-            now, base = self.host.probe(), p["baseline"]
-            frames, anomalous = now.frames - base.frames, now.anomalous - base.anomalous
-            errors = now.backend_errors - base.backend_errors
-            reason = None
-            if errors > 0:
-                reason = f"the new model's backend failed {errors} time(s) on live frames"
-            elif (
-                cfg.max_latency_ms is not None
-                and now.latency_p99_ms is not None
-                and (now.latency_p99_ms > cfg.max_latency_ms)
-            ):
-                reason = f"p99 latency {now.latency_p99_ms:.0f} ms is over the budget of {cfg.max_latency_ms:.0f} ms"
-            elif frames >= cfg.probation_min_frames and anomalous / frames > cfg.max_anomaly_rate:
-                far = p["bundle"].calibration.target_false_alarm_rate
-                reason = (
-                    f"anomaly rate {anomalous / frames:.2f} over {frames} live frames, far above the calibrated "
-                    f"false-alarm rate {far if far is not None else 'of the bundle'} "
-                    f"(limit {cfg.max_anomaly_rate:.2f})"
-                )
-            if reason is not None:
-                self._roll_back(p, reason)
-            elif self.clock() - p["since"] >= cfg.probation_s:
-                self._confirm(p, frames)
+        """Check the model on probation: roll back on trouble, make it active when the window has passed.
+
+        Called by the housekeeping thread, which also feeds the systemd watchdog: while the updater thread holds
+        the lock (loading and gating a model for model/set or model/rollback, which can take longer than the
+        watchdog's 30 s on a slow device) the tick is skipped, not waited for; the next one comes 0.25 s later.
+        """
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            self._tick()
+        finally:
+            self._lock.release()
+
+    def _tick(self) -> None:
+        p = self._probation
+        if p is None or p["baseline"] is None:
+            return
+        cfg = self.config.updates
+        now, base = self.host.probe(), p["baseline"]
+        frames, anomalous = now.frames - base.frames, now.anomalous - base.anomalous
+        errors = now.backend_errors - base.backend_errors
+        reason = None
+        if errors > 0:
+            reason = f"the new model's backend failed {errors} time(s) on live frames"
+        elif (
+            cfg.max_latency_ms is not None
+            and now.latency_p99_ms is not None
+            and (now.latency_p99_ms > cfg.max_latency_ms)
+        ):
+            reason = f"p99 latency {now.latency_p99_ms:.0f} ms is over the budget of {cfg.max_latency_ms:.0f} ms"
+        elif frames >= cfg.probation_min_frames and anomalous / frames > cfg.max_anomaly_rate:
+            far = p["bundle"].calibration.target_false_alarm_rate
+            reason = (
+                f"anomaly rate {anomalous / frames:.2f} over {frames} live frames, far above the calibrated "
+                f"false-alarm rate {far if far is not None else 'of the bundle'} "
+                f"(limit {cfg.max_anomaly_rate:.2f})"
+            )
+        if reason is not None:
+            self._roll_back(p, reason)
+        elif self.clock() - p["since"] >= cfg.probation_s:
+            self._confirm(p, frames)
 
     def _confirm(self, p: dict[str, Any], frames: int) -> None:
         bundle: LoadedBundle = p["bundle"]

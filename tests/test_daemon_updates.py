@@ -630,3 +630,35 @@ def test_an_unusable_state_file_is_set_aside_and_the_config_bundle_serves(
     assert updater.startup_bundle() == Path(config.bundle)
     assert [p.read_text() for p in state_file.parent.glob("state.bad-*")] == [content]
     assert why in caplog.text
+
+
+def test_the_probation_tick_never_waits_for_the_updater(signed_bottle_bundle: SignedBundle, tmp_path: Path) -> None:
+    """The housekeeping thread ticks probation and feeds the systemd watchdog: while the updater thread holds its lock
+    (a model/rollback loads and gates the previous model under it) a tick is skipped, not waited for, or a slow
+    gate would starve the watchdog and get the daemon killed."""
+    from edge_daemon.config import load_config
+    from edge_daemon.updater import Updater
+
+    config_path = write_config(
+        tmp_path, signed_bottle_bundle.path, signed_bottle_bundle.public_key, 1883, [{"id": "cam0", "source": "x.avi"}]
+    )
+    updater = Updater(load_config(config_path), host=None)  # type: ignore[arg-type]  # no probation: no host call
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        with updater._lock:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert held.wait(10)
+        ticker = threading.Thread(target=updater.tick)
+        ticker.start()
+        ticker.join(20)  # a deadlock check, not a timing: the tick returns at once, or never while the lock is held
+        assert not ticker.is_alive(), "the tick waited for the updater's lock"
+    finally:
+        release.set()
+        holder.join()
+    updater.tick()  # and with the lock free it runs (nothing on probation: nothing to do)
