@@ -92,7 +92,7 @@ test-py310: install mosquitto rtsp-server
 	set -e; test -x .venv310/bin/python || $(PY310) -m venv .venv310; \
 	.venv310/bin/python -m pip install -q --disable-pip-version-check -e ".[daemon,opencv,push,demo,dev]"; \
 	.venv310/bin/python -c 'import sys; assert sys.version_info[:2] == (3, 10), sys.version'; \
-	$(BIN)/python -m tests.bundle_factory .cache/py310-bundle >.cache/py310-bundle.log 2>&1 || \
+	mkdir -p .cache; $(BIN)/python -m tests.bundle_factory .cache/py310-bundle >.cache/py310-bundle.log 2>&1 || \
 	  { cat .cache/py310-bundle.log; echo "test-py310: building the test detector failed"; exit 1; }; \
 	EDGE_INSPECT_TEST_BUNDLE=.cache/py310-bundle .venv310/bin/python -m pytest -q $(PY310_TESTS)
 
