@@ -19,6 +19,7 @@ import pytest
 import torch
 from rich.console import Console
 
+import trainer.export as export_module
 from deploy.bundle import BundleError, verify_bundle
 from deploy.parity import onnxruntime_runner
 from deploy.preprocess import ImageReadError, InputSpec, decode_image, prepare_uint8, to_float
@@ -552,3 +553,19 @@ def test_golden_sources_tell_a_device_that_prepares_images_differently(trained, 
     # A bundle exported before the sources existed: nothing to check.
     older = manifest.model_copy(update={"files": {k: v for k, v in manifest.files.items() if "sources" not in k}})
     assert check_preprocessing(out, older, runner) is None
+
+
+def test_golden_sources_stop_at_their_size_cap(trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """Sources ride along in golden order while their total fits GOLDEN_SOURCES_MAX_BYTES; the summary says so."""
+    run = trained("ae")
+    whole = export_run(run, tmp_path / "whole", console=QUIET)
+    sizes = [entry.size for name, entry in sorted(whole.manifest.files.items()) if name.startswith("golden/sources/")]
+    monkeypatch.setattr(export_module, "GOLDEN_SOURCES_MAX_BYTES", sum(sizes[:3]))
+    said = Console(file=io.StringIO(), width=400)
+    part = export_run(run, tmp_path / "part", console=said)
+    assert sorted(n for n in part.manifest.files if n.startswith("golden/sources/")) == [
+        f"golden/sources/{row:02d}.jpg" for row in range(3)
+    ]
+    assert "golden source files: 3 of 12 carried" in said.file.getvalue()  # type: ignore[attr-defined]
+    report = check_preprocessing(part.bundle, part.manifest)
+    assert report is not None and report.n == 3 and report.identical

@@ -727,7 +727,7 @@ def _print_summary(
     for name, size in sizes.items():  # the golden source files add up to one line
         key = f"{GOLDEN_SOURCES}/ ({len(golden_sources(manifest))} files)" if name.startswith(GOLDEN_SOURCES) else name
         shown[key] = shown.get(key, 0) + size
-    lines += [f"  {name:<20} {size:>12,} bytes" for name, size in shown.items()]
+    lines += [f"  {name:<26} {size:>12,} bytes" for name, size in shown.items()]
     if cal.method == "quantile":
         how = f"{1 - (cal.target_false_alarm_rate or 0):g} quantile of {cal.n_images} held-out normal scores"
         if cal.n_images < 200:
