@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -119,11 +120,28 @@ def check_preprocessing(bundle_dir: Path, manifest: Manifest, run: Runner | None
     )
 
 
+PreprocessLevel = Literal["ok", "warn", "unchecked"]
+
+
+def preprocessing_verdict(bundle_dir: Path, manifest: Manifest, run: Runner | None) -> tuple[PreprocessLevel, str]:
+    """``check_preprocessing`` as one line for the daemon's log and P/info and doctor's ``preprocess`` line, never
+    raising: "ok" when identical; "warn" when the images differ or cannot be checked (a source this OpenCV cannot
+    decode, a backend that fails on them); "unchecked" when the bundle carries no sources (an older export)."""
+    try:
+        report = check_preprocessing(bundle_dir, manifest, run)
+    except Exception as exc:  # advice only: nothing about it may stop a model that passed its gate from serving
+        return "warn", f"not checked: {exc}"
+    if report is None:
+        return "unchecked", "not checked: the bundle carries no golden source images (exported before they were added)"
+    return ("ok" if report.identical else "warn"), report.summary()
+
+
 __all__ = [
     "GOLDEN_SOURCES",
     "ImageReadError",
     "PreprocessReport",
     "check_preprocessing",
     "golden_sources",
+    "preprocessing_verdict",
     "source_name",
 ]

@@ -255,19 +255,18 @@ def run_checks(config_path: Path | None) -> list[Check]:
 
 
 def check_bundle_preprocessing(bundle: LoadedBundle) -> Check:
-    """Does this OpenCV prepare the bundle's golden source images as the trainer's did (deploy.preprocess_check),
-    and how far do differences move the normalised score (ONNX Runtime, CPU)? A difference is a warning: the
-    daemon serves, but its scores are not quite the ones the bundle was calibrated and evaluated with."""
+    """Does this OpenCV prepare the bundle's golden source images as the trainer's did, and how far do differences
+    move the normalised score (ONNX Runtime, CPU; ``preprocessing_verdict``)? Anything but identical is a warning:
+    the daemon serves, but its scores are not quite the ones the bundle was calibrated and evaluated with."""
     from deploy.parity import onnxruntime_runner
-    from deploy.preprocess_check import check_preprocessing
+    from deploy.preprocess_check import preprocessing_verdict
 
     try:
-        report = check_preprocessing(bundle.root, bundle.manifest, onnxruntime_runner(bundle.onnx_path))
-    except Exception as exc:  # an image this OpenCV cannot decode, an ONNX Runtime that cannot load: said, not raised
+        run = onnxruntime_runner(bundle.onnx_path)
+    except Exception as exc:  # an ONNX Runtime that cannot load the model: said, not raised
         return Check("warn", "preprocess", f"not checked: {exc}")
-    if report is None:
-        return Check("warn", "preprocess", "not checked: the bundle carries no golden source images (an older export)")
-    return Check("ok" if report.identical else "warn", "preprocess", report.summary())
+    level, line = preprocessing_verdict(bundle.root, bundle.manifest, run)
+    return Check("ok" if level == "ok" else "warn", "preprocess", line)
 
 
 def check_update_state(config: DaemonConfig) -> Check:

@@ -723,9 +723,10 @@ def _print_summary(
 ) -> None:
     cal = manifest.calibration
     lines = [f"bundle {out} ({total:,} bytes, {seconds:.1f} s):"]
+    n_sources = len(golden_sources(manifest))
     shown: dict[str, int] = {}
     for name, size in sizes.items():  # the golden source files add up to one line
-        key = f"{GOLDEN_SOURCES}/ ({len(golden_sources(manifest))} files)" if name.startswith(GOLDEN_SOURCES) else name
+        key = f"{GOLDEN_SOURCES}/ ({n_sources} files)" if name.startswith(GOLDEN_SOURCES) else name
         shown[key] = shown.get(key, 0) + size
     lines += [f"  {name:<26} {size:>12,} bytes" for name, size in shown.items()]
     if cal.method == "quantile":
@@ -737,7 +738,6 @@ def _print_summary(
         lines.append(f"  threshold {cal.threshold:.6g}: {cal.source.removeprefix('threshold: ')}")
     lines.append(f"  held-out normal scores: range [{cal.raw_min:.6g}, {cal.raw_max:.6g}], n = {cal.n_images}")
     lines.append(f"  golden {manifest.golden.n} images (labels {manifest.golden.labels}); parity {parity.summary()}")
-    n_sources = len(golden_sources(manifest))
     if n_sources < manifest.golden.n:
         lines.append(
             f"  golden source files: {n_sources} of {manifest.golden.n} carried (the rest are over "

@@ -18,7 +18,7 @@ from typing import Literal
 from deploy.engines import EnginePrecision, probe_device
 from deploy.manifest import BundleError
 from deploy.parity import check_parity
-from deploy.preprocess_check import check_preprocessing
+from deploy.preprocess_check import preprocessing_verdict
 from edge_daemon.backends.base import Backend, BackendError, BackendUnavailable, Runner
 from edge_daemon.backends.onnxruntime import available_providers, open_onnxruntime
 from edge_daemon.backends.tensorrt import EngineBuild, open_tensorrt
@@ -90,19 +90,13 @@ def select_backend(
 
 def check_preprocessing_here(backend: Backend, bundle: LoadedBundle) -> str:
     """One line: does this device's OpenCV prepare the bundle's golden source images as the trainer did, and by how
-    much do differences move the normalised score on ``backend``. A difference is logged as a warning; the daemon
-    serves either way (advice for the engineer, who can compare JetPack's OpenCV with the trainer's)."""
-    try:
-        report = check_preprocessing(bundle.root, bundle.manifest, backend.run)
-    except Exception as exc:  # advice only: nothing about it may stop a model that passed its gate from serving
-        line = f"not checked: {exc}"
-        log.warning("preprocessing check of %s %s %s", bundle.name, bundle.version, line)
-        return line
-    if report is None:
-        return "not checked: the bundle carries no golden source images (exported before they were added)"
-    if not report.identical:
-        log.warning("%s %s: %s", bundle.name, bundle.version, report.summary())
-    return report.summary()
+    much do differences move the normalised score on ``backend`` (``preprocessing_verdict``). A difference, or a
+    check that cannot be made, is logged as a warning; the daemon serves either way (advice for the engineer, who
+    can compare JetPack's OpenCV with the trainer's)."""
+    level, line = preprocessing_verdict(bundle.root, bundle.manifest, backend.run)
+    if level == "warn":
+        log.warning("preprocessing of %s %s: %s", bundle.name, bundle.version, line)
+    return line
 
 
 def _gated_backend(
