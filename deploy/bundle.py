@@ -50,6 +50,7 @@ from deploy.untrusted_json import parse_untrusted_json
 __all__ = [
     "BundleError",
     "VerifiedBundle",
+    "edit_bundle",
     "open_bundle",
     "pack_tar",
     "refresh_files",
@@ -349,16 +350,9 @@ def sign_bundle(bundle_dir: Path, private_key_path: Path) -> None:
 
     Works on a folder, or on a .tar (unpacked, signed and re-packed in place, atomically).
     """
-    bundle_dir = Path(bundle_dir)
     key = load_private_key(Path(private_key_path))
-    if bundle_dir.is_file():
-        with open_bundle(bundle_dir) as root:
-            _sign_dir(root, key)
-            pack_tar(root, bundle_dir)
-        return
-    if not bundle_dir.is_dir():
-        raise BundleError(f"no bundle at {bundle_dir}")
-    _sign_dir(bundle_dir, key)
+    with edit_bundle(Path(bundle_dir)) as root:
+        _sign_dir(root, key)
 
 
 def _sign_dir(root: Path, key: Any) -> None:
@@ -640,6 +634,26 @@ def manifest_sha256(path: Path) -> str:
     except (OSError, tarfile.TarError) as exc:
         raise BundleError(f"cannot read {path}: {exc}") from None
     raise BundleError(f"{path} holds no {MANIFEST_NAME}")
+
+
+@contextlib.contextmanager
+def edit_bundle(path: Path) -> Iterator[Path]:
+    """Yield a folder in which to change the bundle at ``path`` in place.
+
+    A folder is yielded as itself. A .tar is unpacked (``safe_extract``) into a temporary folder beside it, on the
+    same file system, since a compiled engine can be hundreds of MB, and re-packed over ``path`` atomically
+    (``pack_tar``) when the block ends without an exception; after an exception the .tar is left as it was.
+    The temporary folder is removed either way. BundleError when ``path`` is neither.
+    """
+    path = Path(path)
+    if path.is_dir():
+        yield path
+        return
+    if not path.is_file():
+        raise BundleError(f"no bundle at {path}" if not path.exists() else f"{path} is neither a folder nor a file")
+    with open_bundle(path, tmp_dir=path.parent) as root:
+        yield root
+        pack_tar(root, path)
 
 
 @contextlib.contextmanager

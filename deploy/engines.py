@@ -746,13 +746,6 @@ def tensorrt_runner(
 def _load_bundle_dir(bundle_dir: Path) -> Manifest:
     from deploy.bundle import verify_bundle
 
-    bundle_dir = Path(bundle_dir)
-    if not bundle_dir.exists():
-        raise BundleError(f"bundle {bundle_dir} not found")
-    if not bundle_dir.is_dir():
-        raise BundleError(
-            f"{bundle_dir} is not a bundle directory (compile writes into the bundle: unpack a .tar first)"
-        )
     return verify_bundle(bundle_dir, [], require_signature=False)
 
 
@@ -790,15 +783,19 @@ def install_engine(bundle_dir: Path, manifest: Manifest, staged_plan: Path, sign
 
 
 def compile_bundle(
-    bundle_dir: Path,
+    bundle: Path,
     *,
     precision: EnginePrecision,
     max_batch: int = 8,
     sign_key: Path | None = None,
-) -> tuple[Path, ParityReport]:
-    """Build a TensorRT engine for the bundle's model.onnx into ``bundle_dir/engines/`` and gate it.
+) -> tuple[str, ParityReport]:
+    """Build a TensorRT engine for the bundle's model.onnx into its ``engines/`` and gate it; return the
+    engine's name in the bundle (``engines/<key>.plan``) and the gate's report.
 
-    Order: TensorRT and a GPU present (TensorRTUnavailable); the bundle directory consistent
+    ``bundle`` is a folder or a .tar (DESIGN.md, "Detector bundle"): a .tar is unpacked beside itself, compiled
+    as a folder and re-packed in place only once the engine passed (``deploy.bundle.edit_bundle``).
+
+    Order: TensorRT and a GPU present (TensorRTUnavailable); the bundle consistent
     (BundleError; the signature is not required: compiling is not a trust decision, the daemon
     verifies later); the signing key loads when given (BundleError, before any slow build); build;
     run the golden parity gate on the engine at ``precision`` tolerances in batches of
@@ -811,8 +808,18 @@ def compile_bundle(
     re-signed, without it the bundle is left unsigned-but-consistent and ``edge-deploy verify`` says
     so until ``edge-deploy sign`` is run.
     """
+    from deploy.bundle import edit_bundle
+
     device = require_tensorrt()
-    bundle_dir = Path(bundle_dir)
+    with edit_bundle(Path(bundle)) as bundle_dir:
+        plan, report = _compile_dir(bundle_dir, device, precision=precision, max_batch=max_batch, sign_key=sign_key)
+    return f"engines/{plan.name}", report
+
+
+def _compile_dir(
+    bundle_dir: Path, device: DeviceInfo, *, precision: EnginePrecision, max_batch: int, sign_key: Path | None
+) -> tuple[Path, ParityReport]:
+    """compile_bundle on a bundle folder; returns the installed plan's path."""
     manifest = _load_bundle_dir(bundle_dir)
     if "model.onnx" not in manifest.files:
         raise BundleError("the manifest lists no model.onnx")
@@ -865,7 +872,7 @@ def compile_main(bundle: Path, precision: str, max_batch: int, sign_key: Path | 
         print(f"error: {exc}", file=sys.stderr)
         return 1
     signed = "re-signed" if sign_key is not None else "UNSIGNED now: run `edge-deploy sign` before deploying"
-    print(f"compiled {Path(bundle) / 'engines' / plan.name}; {report.summary()}; manifest updated, {signed}")
+    print(f"compiled {plan} into {bundle}; {report.summary()}; manifest updated, {signed}")
     return 0
 
 

@@ -19,6 +19,7 @@ import pytest
 from deploy import __version__
 from deploy.bundle import (
     BundleError,
+    edit_bundle,
     manifest_sha256,
     open_bundle,
     pack_tar,
@@ -393,6 +394,37 @@ def test_signed_tar_can_be_resigned_in_place(
     pack_tar(bundle, tar_path)
     sign_bundle(tar_path, other_keys[0])
     assert verify_bundle_details(tar_path, [other_keys[1]]).key_id == key_id(load_public_key(other_keys[1]))
+
+
+def test_a_tar_is_edited_in_place_only_when_the_edit_succeeds(
+    bundle: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """What compile does to a .tar bundle: unpack beside it, add an engine, re-list and re-sign, re-pack."""
+    shelf = tmp_path / "shelf"
+    shelf.mkdir()
+    tar_path = shelf / "b.tar"
+    pack_tar(bundle, tar_path)
+    before = tar_path.read_bytes()
+    with pytest.raises(RuntimeError, match="gate failed"), edit_bundle(tar_path) as root:
+        assert root.parent.parent == shelf  # beside the tar, on its file system
+        (root / "engines").mkdir()
+        (root / "engines" / "k.plan").write_bytes(b"plan")
+        refresh_files(root, keys[0])
+        raise RuntimeError("gate failed")
+    assert tar_path.read_bytes() == before
+    assert sorted(p.name for p in shelf.iterdir()) == ["b.tar"]
+
+    with edit_bundle(tar_path) as root:
+        (root / "engines").mkdir()
+        (root / "engines" / "k.plan").write_bytes(b"plan")
+        refresh_files(root, keys[0])
+    assert sorted(p.name for p in shelf.iterdir()) == ["b.tar"]
+    manifest = verify_bundle(tar_path, [keys[1]])
+    assert manifest.files["engines/k.plan"].size == 4
+    with edit_bundle(bundle) as root:
+        assert root == bundle
+    with pytest.raises(BundleError, match="no bundle at"), edit_bundle(tmp_path / "absent"):
+        pass
 
 
 # ------------------------------------------------------------------------------------- writing
