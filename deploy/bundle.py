@@ -68,6 +68,34 @@ MAX_SIGNATURE_BYTES = 64 * 1024
 DEFAULT_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_MEMBERS = 10_000
 _CHUNK = 1024**2
+# A PAX or GNU long-name header is read whole into memory by tarfile, and a chain of them recursively (up to the
+# recursion limit, ~1,000 deep): 64 KiB each (a bundle's are well under 1 KiB) keeps the worst case near 64 MB.
+MAX_TAR_HEADER_READ = 64 * 1024
+
+
+class _BoundedReads:
+    """The tar file as tarfile sees it: a read longer than ``MAX_TAR_HEADER_READ`` (file data is skipped by seeking,
+    so only an extended header is read whole) or of a negative length is refused before anything is allocated."""
+
+    def __init__(self, f: IO[bytes], label: str) -> None:
+        self._f = f
+        self._label = label
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0 or n > MAX_TAR_HEADER_READ:
+            raise BundleError(f"{self._label} refused: a tar header asks to read {n} bytes at once")
+        return self._f.read(n)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+
+# What a malformed tar can make tarfile raise besides its own errors: chained extended headers recurse
+# (RecursionError), a negative size reaches read() (ValueError).
+_TAR_READ_ERRORS = (tarfile.TarError, EOFError, OSError, RecursionError, ValueError)
 _COMPRESSED_MAGIC = {
     b"\x1f\x8b": "gzip",
     b"BZh": "bzip2",
@@ -457,7 +485,11 @@ def pack_tar(bundle_dir: Path, tar_path: Path) -> None:
 
 def _member_kind(m: tarfile.TarInfo) -> str | None:
     """None for a regular file or folder; else what it is, for the refusal message."""
+    if m.sparse is not None or m.issparse():  # a PAX sparse file is typed REGTYPE: its map makes it one
+        return "a sparse file"
     if m.type in (tarfile.REGTYPE, tarfile.AREGTYPE, tarfile.DIRTYPE):
+        if m.size < 0:
+            return f"a member of negative size {m.size}"
         return None
     if m.issym():
         return f"a symlink (-> {m.linkname!r})"
@@ -534,9 +566,9 @@ def safe_extract(
 def _check_members(
     f: IO[bytes], file_size: int, label: str, *, max_bytes: int, max_members: int
 ) -> list[tuple[tarfile.TarInfo, str]]:
-    try:
-        tar = tarfile.open(fileobj=f, mode="r:")  # noqa: SIM115 (reads headers only; f is the caller's)
-    except tarfile.ReadError as exc:
+    try:  # reads headers only; f is the caller's
+        tar = tarfile.open(fileobj=_BoundedReads(f, label), mode="r:")  # type: ignore[call-overload]  # noqa: SIM115
+    except _TAR_READ_ERRORS as exc:
         raise BundleError(f"{label} is not a tar file or is truncated ({exc})") from None
     members: list[tuple[tarfile.TarInfo, str]] = []
     kinds: dict[str, bool] = {}  # name -> is a folder
@@ -545,8 +577,8 @@ def _check_members(
     while True:
         try:
             m = tar.next()
-        except (tarfile.TarError, EOFError, OSError) as exc:
-            raise BundleError(f"{label} is truncated or corrupt after member {last} ({exc})") from None
+        except _TAR_READ_ERRORS as exc:
+            raise BundleError(f"{label} is truncated or corrupt after member {last} ({type(exc).__name__})") from None
         if m is None:
             break
         if len(members) + 1 > max_members:
@@ -621,18 +653,16 @@ def manifest_sha256(path: Path) -> str:
     if path.is_dir():
         return hashlib.sha256(_read_small(path / MANIFEST_NAME, MAX_MANIFEST_BYTES, MANIFEST_NAME)).hexdigest()
     try:
-        with tarfile.open(path, mode="r:") as tar:
+        with open(path, "rb") as raw, tarfile.open(fileobj=_BoundedReads(raw, path.name), mode="r:") as tar:  # type: ignore[call-overload]
             for member in tar:
                 if not member.isfile() or _member_name(member.name) != MANIFEST_NAME:
                     continue
-                if member.size > MAX_MANIFEST_BYTES:
+                if not 0 <= member.size <= MAX_MANIFEST_BYTES:
                     raise BundleError(f"{MANIFEST_NAME} is {member.size} bytes, over the limit of {MAX_MANIFEST_BYTES}")
-                f = tar.extractfile(member)
-                if f is None:
-                    break
-                return hashlib.sha256(f.read()).hexdigest()
-    except (OSError, tarfile.TarError) as exc:
-        raise BundleError(f"cannot read {path}: {exc}") from None
+                raw.seek(member.offset_data)
+                return hashlib.sha256(raw.read(member.size)).hexdigest()
+    except _TAR_READ_ERRORS as exc:
+        raise BundleError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
     raise BundleError(f"{path} holds no {MANIFEST_NAME}")
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from deploy.bundle import safe_extract, verify_bundle_details
+from deploy.bundle import VerifiedBundle, manifest_sha256, safe_extract, verify_bundle_details
 from deploy.durable import fsync_dir, fsync_tree, remove_orphans, scratch_prefix
 from deploy.manifest import BundleError, Calibration, Manifest
 from deploy.preprocess import InputSpec
@@ -70,38 +70,44 @@ def load_bundle(path: Path, trusted_keys: list[Path], state_dir: Path, *, allow_
     missing = [str(k) for k in trusted_keys if not Path(k).is_file()]
     if missing:
         raise BundleError(f"trusted key file(s) not found: {', '.join(missing)}")
-    verified = verify_bundle_details(path, trusted_keys, require_signature=not allow_unsigned)
+    require_signature = not allow_unsigned
     if path.is_dir():
+        verified = verify_bundle_details(path, trusted_keys, require_signature=require_signature)
         return LoadedBundle(path, verified.manifest, verified.manifest_sha256, verified.key_id)
-    target = Path(state_dir) / "bundles" / verified.manifest_sha256
+    if not path.is_file():
+        raise BundleError(f"no bundle at {path}" if not path.exists() else f"{path} is neither a folder nor a .tar")
+    sha = manifest_sha256(path)  # names the folder only: what serves is verified below
+    target = Path(state_dir) / "bundles" / sha
     if (target / "manifest.json").is_file():
         try:
-            cached = verify_bundle_details(target, trusted_keys, require_signature=not allow_unsigned)
+            cached = verify_bundle_details(target, trusted_keys, require_signature=require_signature)
         except BundleError as exc:
-            # A power cut during an earlier unpack on an older version, a failing flash cell, a hand edit: the tar
-            # (just verified) is the source of truth, so unpack it again rather than refuse to start for ever.
+            # A power cut during an earlier unpack on an older version, a failing flash cell, a hand edit, a key no
+            # longer trusted: the tar is the source of truth, so it is unpacked and verified again.
             log.warning("unpacked bundle %s is damaged (%s): unpacking %s again", target, exc, path)
         else:
-            if cached.manifest_sha256 == verified.manifest_sha256:
+            if cached.manifest_sha256 == sha:
                 return LoadedBundle(target, cached.manifest, cached.manifest_sha256, cached.key_id)
             log.warning("unpacked bundle %s holds another manifest: unpacking %s again", target, path)
-    _unpack_durably(path, target)
-    # Verify what is on disk now (the tar could have changed between the two reads).
-    again = verify_bundle_details(target, trusted_keys, require_signature=not allow_unsigned)
-    if again.manifest_sha256 != verified.manifest_sha256:
+    verified = _unpack_verified(path, target, trusted_keys, require_signature=require_signature)
+    if verified.manifest_sha256 != sha:
+        shutil.rmtree(target, ignore_errors=True)
         raise BundleError(f"{path} changed while it was being unpacked")
-    return LoadedBundle(target, again.manifest, again.manifest_sha256, again.key_id)
+    return LoadedBundle(target, verified.manifest, verified.manifest_sha256, verified.key_id)
 
 
-def _unpack_durably(tar: Path, target: Path) -> None:
-    """Unpack ``tar`` to ``target`` (replacing whatever is there) so that after a power cut ``target`` is either
-    complete or absent: unpacked beside it, every file fsynced, renamed into place, the folder fsynced."""
+def _unpack_verified(tar: Path, target: Path, trusted_keys: list[Path], *, require_signature: bool) -> VerifiedBundle:
+    """Unpack ``tar`` beside ``target``, verify the unpacked folder and only then put it at ``target`` (replacing
+    whatever is there), so that nothing from a tar is ever written outside ``target``'s folder (the daemon's state
+    directory) and after a power cut ``target`` is either complete and verified or absent: every file fsynced,
+    renamed into place, the folder fsynced. BundleError (verification's) leaves ``target`` as it was."""
     target.parent.mkdir(parents=True, exist_ok=True)
     for orphan in remove_orphans(target.parent, _UNPACK_PREFIX):
         log.info("removed %s, a half-done unpack left by a crash or power cut", orphan)
     tmp = Path(tempfile.mkdtemp(prefix=scratch_prefix(_UNPACK_PREFIX), dir=target.parent))
     try:
         safe_extract(tar, tmp / "bundle")
+        verified = verify_bundle_details(tmp / "bundle", trusted_keys, require_signature=require_signature)
         fsync_tree(tmp / "bundle")
         if target.exists():
             shutil.rmtree(target)
@@ -109,3 +115,4 @@ def _unpack_durably(tar: Path, target: Path) -> None:
         fsync_dir(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return verified

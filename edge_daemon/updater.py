@@ -60,6 +60,7 @@ from edge_daemon.model import LoadedBundle, load_bundle
 
 log = logging.getLogger("edge_daemon.updater")
 MAX_REMEMBERED_REQUESTS = 200
+ROLLBACK_RETRY_S = 10.0  # between tries of a rollback whose previous model failed its gate (Updater._roll_back)
 FINAL_PHASES = ("active", "refused", "rolled_back")
 
 
@@ -352,7 +353,14 @@ class Updater:
                 "sha256": cmd.sha256,
                 "started": _now_iso(),
             }
-            self._save_state()
+            try:
+                self._save_state()
+            except OSError as exc:  # a full disk: the request cannot be tracked, and must not block later ones
+                self.state["pending"] = None
+                why = f"cannot write the update state {self.state_path}: {exc.strerror or exc}"
+                log.error("update %s refused: %s", rid, why)
+                self._publish(rid, "refused", why, target)
+                return
         try:
             bundle, backends = self._prepare(rid, cmd, target)
         except Exception as exc:  # a bug must end this request too, or "pending" would refuse every later one
@@ -478,6 +486,10 @@ class Updater:
         p = self._probation
         if p is None or p["baseline"] is None:
             return
+        if p.get("rollback_reason") is not None:  # a rollback that failed: the model was found bad, never confirm it
+            if self.clock() >= p["rollback_retry_at"]:
+                self._roll_back(p, p["rollback_reason"])
+            return
         cfg = self.config.updates
         now, base = self.host.probe(), p["baseline"]
         frames, anomalous = now.frames - base.frames, now.anomalous - base.anomalous
@@ -518,20 +530,40 @@ class Updater:
         self._publish(p["request_id"], "active", why, p["target"])  # last: "active" means the disk is tidy too
         log.info("update %s: %s %s is active", p["request_id"], bundle.name, bundle.version)
 
-    def _roll_back(self, p: dict[str, Any], reason: str) -> None:
+    def _roll_back(self, p: dict[str, Any], reason: str, rollback_rid: str | None = None) -> None:
+        """End probation ``p`` on the previous model. ``rollback_rid``: the model/rollback that asked for it, answered
+        (and recorded) with the same outcome as the update's own request_id.
+
+        When the previous model fails its gate now (it passed it before: out of memory with two models loaded, a
+        device fault), the new model keeps serving, probation stays open and the rollback is tried again every
+        ``ROLLBACK_RETRY_S`` by ``tick``, the failure published on P/model/state each time; the model found bad is
+        never confirmed. A daemon restart also ends it (``startup_bundle``: back on the last active model)."""
         previous: LoadedBundle = p["previous"]
         try:
             backends = self.host.make_backends(previous)
         except BackendError as exc:  # the old model passed its gate before; this should not happen
-            log.error("rollback: the previous model fails its gate now (%s); keeping the new one", exc)
+            p["rollback_reason"] = reason
+            p["rollback_retry_at"] = self.clock() + ROLLBACK_RETRY_S
+            why = (
+                f"{reason}; but the previous model {previous.version} fails its gate now ({exc}): the new model "
+                f"keeps serving, the rollback is tried again in {ROLLBACK_RETRY_S:.0f} s"
+            )
+            log.error("update %s: %s", p["request_id"], why)
+            self._publish(p["request_id"], "probation", why, p["target"])
+            if rollback_rid is not None and rollback_rid != p["request_id"]:
+                self._publish(rollback_rid, "refused", why, None)
             return
         self.host.switch(backends, previous)
         self.state["pending"] = None
         self._probation = None
-        self._record(p["request_id"], "rolled_back", reason, p["target"])
-        self._delete_bundle(_entry(p["bundle"]))
+        rids = [p["request_id"], *([rollback_rid] if rollback_rid not in (None, p["request_id"]) else [])]
+        for rid in rids:
+            self._record(rid, "rolled_back", reason, p["target"])
+        # The update leaves disk unless it is also a model kept for rollback (a re-push of one): then it stays.
+        self._delete_unkept([_entry(p["bundle"])])
         self._prune_disk()
-        self._publish(p["request_id"], "rolled_back", reason, p["target"])
+        for rid in rids:
+            self._publish(rid, "rolled_back", reason, p["target"])
         log.warning("update %s rolled back: %s", p["request_id"], reason)
 
     # ------------------------------------------------------------------ model/rollback
@@ -547,7 +579,7 @@ class Updater:
             return
         with self._lock:
             if self._probation is not None:
-                self._roll_back(self._probation, "rollback requested during probation")
+                self._roll_back(self._probation, f"rollback requested during probation ({rid})", rollback_rid=rid)
                 return
             if self.state.get("pending"):
                 self._publish(rid, "refused", "an update is in progress; roll back after it", None)
@@ -662,6 +694,7 @@ class Updater:
         Never raises: a failure is logged, and the answer that follows the clean-up is still sent."""
         try:
             self._prune_bundle_copies()
+            self._prune_downloads()
             self._prune_engine_cache()
         except Exception as exc:  # an unexpected disk problem must not swallow a request's answer
             log.error("disk clean-up failed: %s: %s", type(exc).__name__, exc)
@@ -687,6 +720,22 @@ class Updater:
                     continue
                 shutil.rmtree(copy, ignore_errors=True)
                 log.info("removed %s, an unpacked bundle no longer configured, active or kept for rollback", copy)
+
+    def _prune_downloads(self) -> None:
+        """Delete what refused or interrupted downloads left in ``updates/downloads/`` (each up to
+        ``updates.max_bundle_mb``): everything but the update in hand's files and the newest ``.part``, which a push
+        of the same bundle again resumes (edge_daemon.download)."""
+        folder = self.root / "downloads"
+        if not folder.is_dir():
+            return
+        pending = self.state.get("pending") or {}
+        files = [f for f in folder.iterdir() if f.is_file() and not f.is_symlink()]
+        parts = sorted((f for f in files if f.name.endswith(".part")), key=lambda f: f.stat().st_mtime)
+        keep = {f"{pending.get('sha256')}.tar", f"{pending.get('sha256')}.tar.part", *(f.name for f in parts[-1:])}
+        for f in files:
+            if f.name not in keep:
+                f.unlink(missing_ok=True)
+                log.info("removed %s, left by a download that did not become an update", f)
 
     def _prune_engine_cache(self) -> None:
         """Delete cached TensorRT engines of models no longer on disk (``deploy.engines.prune_engine_cache``).

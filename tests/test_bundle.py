@@ -614,6 +614,74 @@ def test_size_bombs_refused_without_writing(tmp_path: Path, target: Path) -> Non
     _assert_nothing_written(tmp_path, target)
 
 
+def _pax_record(key: str, value: object) -> bytes:
+    body = f" {key}={value}\n".encode()
+    n = len(body) + 1
+    while len(str(n)) + len(body) != n:
+        n += 1
+    return str(n).encode() + body
+
+
+def _raw_member(name: str, data: bytes, kind: bytes = tarfile.REGTYPE) -> bytes:
+    """One member as raw ustar bytes: header, data, padding (tarfile's writer refuses to forge what these tests need)."""
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.size = len(data)
+    return info.tobuf(format=tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % tarfile.BLOCKSIZE)
+
+
+def _pax_header(*records: bytes) -> bytes:
+    return _raw_member("././@PaxHeader", b"".join(records), tarfile.XHDTYPE)
+
+
+def _long_name_header(size: int) -> bytes:
+    """A GNU long-name header announcing ``size`` bytes of name (the bytes themselves are not needed to refuse it)."""
+    info = tarfile.TarInfo("././@LongLink")
+    info.type = tarfile.GNUTYPE_LONGNAME
+    info.size = size
+    return info.tobuf(format=tarfile.USTAR_FORMAT)
+
+
+END_OF_ARCHIVE = b"\0" * (2 * tarfile.BLOCKSIZE)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        # PAX sparse members are typed REGTYPE: each would copy realsize bytes of whatever follows it in the tar
+        (
+            _pax_header(
+                _pax_record("GNU.sparse.major", 1),
+                _pax_record("GNU.sparse.minor", 0),
+                _pax_record("GNU.sparse.realsize", 1 << 20),
+            )
+            + _raw_member("model.onnx", b"0\n".ljust(tarfile.BLOCKSIZE, b"\0")),
+            "it is a sparse file",
+        ),
+        (_pax_header(_pax_record("size", -5)) + _raw_member("model.onnx", b""), "negative size -5"),
+        # tarfile reads a long-name header whole into memory: 200 MB here, refused before the read
+        (_long_name_header(200 * 1024**2), "a tar header asks to read 209715200 bytes"),
+        # chained extended headers recurse in tarfile (RecursionError)
+        (b"".join(_pax_header(_pax_record("comment", "x")) for _ in range(2000)), "truncated or corrupt"),
+    ],
+    ids=["pax-sparse", "negative-size", "huge-longname", "pax-chain"],
+)
+def test_forged_headers_are_refused_as_bundle_errors(tmp_path: Path, target: Path, body: bytes, message: str) -> None:
+    """Headers no tar writer makes but an attacker can: each is a one-line BundleError (an update refused, exit 2 in
+    the CLIs), never another exception, and nothing is written."""
+    tar_path = tmp_path / "forged.tar"
+    tar_path.write_bytes(_raw_member("manifest.json", b"{}") + body + _raw_member("after", b"x") + END_OF_ARCHIVE)
+    with pytest.raises(BundleError, match=message):
+        safe_extract(tar_path, target)
+    _assert_nothing_written(tmp_path, target)
+    # manifest_sha256 (which names a bundle before anything is verified) meets the header before the manifest
+    tar_path.write_bytes(body + _raw_member("manifest.json", b"{}") + END_OF_ARCHIVE)
+    try:
+        manifest_sha256(tar_path)
+    except BundleError:
+        pass
+
+
 def test_safe_extract_target_must_be_empty(tmp_path: Path, bundle: Path) -> None:
     tar_path = tmp_path / "b.tar"
     pack_tar(bundle, tar_path)
