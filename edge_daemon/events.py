@@ -398,6 +398,11 @@ class EventTracker:
             ev.last_frame = frame_seq
         return out + self._step_open(ev, frame, roi, raw, normalized, anomalous, amap, wall, mono)
 
+    def restart_run(self) -> None:
+        """Forget the anomalous frames counted towards opening an event: frames were lost in between (a batch the
+        backend failed to score), so those frames and the next ones are not consecutive. An open event stays open."""
+        self._run = 0
+
     def close(self, reason: EndReason, *, wall: float, mono: float | None = None) -> list[Outgoing]:
         """End the open event with ``reason`` ("end" message, no new crop; it names the last crop sent);
         [] if none is open. Also restarts the opening run. ``mono`` (the monotonic clock now) measures the
@@ -468,7 +473,8 @@ class EventTracker:
             reason = "normal"
         elif mono - ev.started_mono > self.tuning.max_seconds:
             reason = "max_length"
-        new_peak = normalized > ev.peak_norm
+        # Normalised scores saturate at 1.0 (Calibration.normalise clips): the raw score tells a worse frame then.
+        new_peak = (normalized, raw) > (ev.peak_norm, ev.peak_raw)
         if new_peak:
             ev.peak_raw, ev.peak_norm, ev.peak_wall = raw, normalized, wall
             ev.region = self._region(frame, roi, amap)

@@ -183,6 +183,7 @@ class Pipeline:
             failed_at = time.monotonic()
             for lane, _ in kept:
                 lane.last_failed, lane.failure = failed_at, self.last_error
+                lane.tracker.restart_run()
             return 0
         normalised = self.bundle.calibration.normalise(np.asarray(raw, dtype=np.float64))
         now = time.monotonic()
@@ -224,9 +225,11 @@ class Pipeline:
         log.info("now serving %s %s with %s (%s)", bundle.name, bundle.version, backend.kind, backend.detail)
 
     def _close_lost_cameras(self) -> None:
+        """End the open event of a camera that is offline or ended; close() also restarts the opening run when none
+        is open, so anomalous frames from before an outage never count towards an event after it."""
         for lane in self.lanes.values():
             state = lane.camera.status.state
-            if lane.tracker.is_open and state in ("offline", "ended"):
+            if state in ("offline", "ended"):
                 reason: EndReason = "camera_lost" if state == "offline" else "source_ended"
                 for message in lane.tracker.close(reason, wall=time.time(), mono=time.monotonic()):
                     self.send(message)

@@ -253,12 +253,20 @@ class Drive:
     def mono(self) -> float:
         return self.i * self.dt
 
-    def feed(self, *scores: float, model: ModelRef = MODEL, threshold: float = 0.5, amap: Any = None) -> None:
+    def feed(
+        self,
+        *scores: float,
+        model: ModelRef = MODEL,
+        threshold: float = 0.5,
+        amap: Any = None,
+        raw: float | None = None,
+    ) -> None:
+        """Normalised ``scores``, one frame each; the raw score is 10x the normalised one, or ``raw`` when given."""
         for s in scores:
             out = self.tracker.update(
                 frame=self.case.frame,
                 roi=self.case.roi,
-                raw=s * 10.0 if math.isfinite(s) else s,
+                raw=raw if raw is not None else s * 10.0 if math.isfinite(s) else s,
                 normalized=s,
                 threshold=threshold,
                 amap=self.case.amap if amap is None else amap,
@@ -482,6 +490,40 @@ def test_updates_only_when_peak_rose_and_interval_passed(pitting_case: Case) -> 
     crops = [o for _, o in d.sent if o.kind == "crop"]
     assert len(crops) == 4 and [o.suffix for o in crops] == [crops[0].suffix] * 4
     assert d.tracker.stats()["updates"] == 3 and d.tracker.stats()["crops"] == 4
+
+
+def test_a_saturated_score_still_follows_the_worst_frame(pitting_case: Case) -> None:
+    """Normalised scores clip at 1.0 (a real defect is often far above the threshold): the raw score then tells
+    which frame is worse, for the peak, its update and its crop."""
+    d = drive(pitting_case, dt=0.25, open_frames=2, close_frames=3, update_interval_s=1.0)
+    d.feed(1.0, 1.0, raw=3.0)  # opens at 1, already saturated
+    d.feed(1.0, 1.0, 1.0, raw=3.0)  # no rise
+    d.feed(1.0, raw=9.0)  # i=5, t=1.25: as saturated, but a worse frame
+    d.feed(1.0, raw=5.0)
+    d.feed(0.1, 0.1, 0.1)
+    assert d.kinds() == [(1, "start", 0), (5, "update", 1), (9, "end", 2)]
+    ev = dict(d.events())
+    assert ev[5]["peak"] == {"raw": 9.0, "normalized": 1.0, "ts": iso_utc(WALL0 + 1.25)}
+    assert ev[5]["crop"]["ts"] == iso_utc(WALL0 + 1.25) and ev[9]["peak"]["raw"] == 9.0
+    check_stream(d.sent)
+
+
+def test_frames_lost_in_between_restart_the_opening_run(tile_case: Case) -> None:
+    """Anomalous frames on either side of a failed batch or a camera outage are not consecutive: the pipeline
+    restarts the run (restart_run after a backend failure, close with no event open when a camera is lost)."""
+    d = drive(tile_case, open_frames=2)
+    d.feed(0.9)
+    d.tracker.restart_run()
+    d.feed(0.9)  # i=1 starts a new run
+    assert d.sent == []
+    d.close("camera_lost")  # nothing open: nothing sent, the run restarts
+    assert d.sent == []
+    d.feed(0.9, 0.9)  # i=2 starts a run, i=3 opens it
+    assert d.kinds() == [(3, "start", 0)]
+    assert d.events()[0][1]["first_frame"] == 2 and d.events()[0][1]["started_at"] == iso_utc(WALL0 + 0.2)
+    d.tracker.restart_run()  # an open event stays open
+    d.feed(0.9)
+    assert d.tracker.is_open and d.kinds() == [(3, "start", 0)]
 
 
 def test_a_peak_rise_before_the_end_is_reported_without_a_new_crop(tile_case: Case) -> None:
