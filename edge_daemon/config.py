@@ -56,7 +56,7 @@ class MqttConfig(_Section):
     host: str = Field(default="127.0.0.1", min_length=1)
     port: int = Field(default=1883, ge=1, le=65535)
     topic_prefix: str = Field(default="inspect", pattern=TOPIC_PREFIX)
-    client_id: str | None = Field(default=None, max_length=128, description="default: edge-<device_id>")
+    client_id: str | None = Field(default=None, max_length=128, description="default: edge-inspect-<device_id>")
     keepalive: int = Field(default=30, ge=5, le=3600, description="seconds")
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
     tls: TlsConfig | None = None
@@ -91,7 +91,7 @@ class CameraConfig(_Section):
             raise ValueError("roi is x, y, w, h with x, y >= 0 and w, h >= 1")
         return v
 
-    @field_validator("source")
+    @field_validator("source", mode="before")  # before pydantic turns `true` into camera 1
     @classmethod
     def _source(cls, v: int | str) -> int | str:
         from edge_daemon.capture.sources import parse_source
@@ -179,7 +179,15 @@ class DaemonConfig(BaseSettings):
     http: HttpConfig = Field(default_factory=HttpConfig)
     updates: UpdatesConfig = Field(default_factory=UpdatesConfig)
     allow_downgrade: bool = Field(default=False, description="accept a pushed bundle older than the active one")
-    drain_timeout_s: float = Field(default=10.0, ge=0, le=300, description="SIGTERM: at most this long to flush")
+    drain_timeout_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=300,
+        description=(
+            "SIGTERM: at most this long to flush; above 20 s raise the unit's TimeoutStopSec (30 s) with it, or "
+            "systemd kills the drain (nothing is lost: the spool keeps what was not sent)"
+        ),
+    )
 
     @field_validator("cameras")
     @classmethod
@@ -275,8 +283,12 @@ def _describe(errors: list[Any], lines: dict[tuple[str, ...], int], source: str)
     return out
 
 
-def parse_config(text: str, path: Path | None = None) -> DaemonConfig:
-    """YAML text -> DaemonConfig (environment overrides applied). ConfigError with one line per problem."""
+def parse_config(text: str, path: Path | None = None, *, base: Path | None = None) -> DaemonConfig:
+    """YAML text -> DaemonConfig (environment overrides applied). ConfigError with one line per problem.
+
+    ``base``: the folder relative paths in the config are relative to (the config file's, ``load_config``); the
+    files the config names for the broker (password, TLS certificates) are checked after that resolution.
+    """
     import yaml
 
     try:
@@ -298,12 +310,23 @@ def parse_config(text: str, path: Path | None = None) -> DaemonConfig:
         raise ConfigError(path, _describe(exc.errors(), _yaml_lines(text), "")) from None
     except SettingsError as exc:  # an EDGE_* variable for a list or a section that is not JSON
         raise ConfigError(path, [_describe_env_error(exc)]) from None
+    if base is not None:
+        config = _resolve_paths(config, base)
     problems = []
     if config.mqtt.password_file is not None and config.mqtt.password is None:
         try:
             config.mqtt_password()
         except (OSError, ValueError) as exc:
             problems.append(f"mqtt.password_file: cannot read a password from {config.mqtt.password_file}: {exc}")
+    tls = config.mqtt.tls
+    for name, file in [("ca", tls.ca), ("cert", tls.cert), ("key", tls.key)] if tls is not None else []:
+        if file is None:
+            continue
+        try:
+            with open(file, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            problems.append(f"mqtt.tls.{name}: cannot read {file}: {exc.strerror or exc}")
     if problems:
         raise ConfigError(path, problems)
     return config
@@ -320,8 +343,7 @@ def load_config(path: Path) -> DaemonConfig:
         raise ConfigError(path, ["no such file"]) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(path, [f"cannot read it: {exc}"]) from None
-    config = parse_config(text, path)
-    return _resolve_paths(config, path.parent)
+    return parse_config(text, path, base=path.parent)
 
 
 def _describe_env_error(exc: SettingsError) -> str:
@@ -362,3 +384,28 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
 def env_overrides() -> list[str]:
     """The EDGE_* variables in this environment (names only, values may be secrets): shown by check-config."""
     return sorted(k for k in os.environ if k.startswith("EDGE_") and k != "EDGE_INSPECT_CACHE")
+
+
+def writable_folder_problem(folder: Path, *, create: bool = True) -> str | None:
+    """None when files can be written in ``folder``, else why not (one line). The daemon keeps its state (updates,
+    unpacked bundles, engines) and spool there: better refused at start with this reason than a traceback halfway.
+
+    ``create``: make the folder (the daemon's start); without it (doctor) the nearest existing folder on its path is
+    probed instead, so that a check creates nothing. The probe writes and deletes one temporary file.
+    """
+    import tempfile
+
+    folder = Path(folder)
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            probe = folder
+        else:
+            probe = next(p for p in (folder, *folder.parents) if p.exists())
+            if not probe.is_dir():
+                return f"{folder} cannot be made: {probe} is not a folder"
+        with tempfile.NamedTemporaryFile(dir=probe, prefix=".edge-write-check-"):
+            pass
+    except OSError as exc:
+        return f"{folder} cannot be written: {exc.strerror or exc}"
+    return None

@@ -209,13 +209,16 @@ def run_checks(config_path: Path | None) -> list[Check]:
         Check("ok" if sys.version_info >= (3, 10) else "FAIL", "python", sys.version.split()[0]),
         Check("ok", "edge-inspect", __version__),
     ]
+    facts: dict[str, Any] = {}
     for probe in (_opencv, _onnxruntime, _tensorrt):
-        checks += probe()[1]
+        found, probe_checks = probe()
+        facts.update(found)
+        checks += probe_checks
     if config_path is None:
         checks.append(Check("warn", "config", "none given (--config FILE): broker and bundle not checked"))
         return checks
     from deploy.manifest import BundleError
-    from edge_daemon.config import ConfigError, load_config
+    from edge_daemon.config import ConfigError, load_config, writable_folder_problem
     from edge_daemon.model import load_bundle
 
     try:
@@ -241,16 +244,22 @@ def run_checks(config_path: Path | None) -> list[Check]:
     except BundleError as exc:
         checks.append(Check("FAIL", "bundle", f"{config.bundle}: {exc}"))
     checks.append(check_update_state(config))
-    from edge_daemon.capture.sources import parse_source
+    for what, folder in (("state_dir", config.state_dir), ("spool", config.spool.path.parent)):
+        problem = writable_folder_problem(folder, create=False)
+        checks.append(Check("FAIL", what, problem) if problem else Check("ok", what, f"{folder} is writable"))
+    from edge_daemon.capture.sources import missing_capability, parse_source
 
     for cam in config.cameras:
         spec = parse_source(cam.source)
-        if spec.kind == "file" and not Path(str(spec.target)).is_file():
+        missing = missing_capability(spec) if facts.get("opencv") else None
+        if missing is not None:
+            checks.append(Check("FAIL", f"camera {cam.id}", missing))
+        elif spec.kind == "file" and not Path(str(spec.target)).is_file():
             checks.append(Check("FAIL", f"camera {cam.id}", f"file {spec.target} does not exist"))
         elif spec.kind == "v4l2" and not Path(str(spec.target)).exists():
             checks.append(Check("warn", f"camera {cam.id}", f"{spec.target} is not present now"))
         else:
-            checks.append(Check("ok", f"camera {cam.id}", f"{spec.kind} source {cam.source}"))
+            checks.append(Check("ok", f"camera {cam.id}", spec.describe()))  # describe() hides passwords
     return checks
 
 

@@ -38,7 +38,7 @@ from edge_daemon.backends import (
 from edge_daemon.backends import finish_build as finish_engine_build
 from edge_daemon.capture.camera import Camera, CameraStatus, stop_cameras
 from edge_daemon.commands import CommandError, ThresholdSet, parse_command, request_id_of
-from edge_daemon.config import ConfigError, DaemonConfig, load_config
+from edge_daemon.config import ConfigError, DaemonConfig, load_config, writable_folder_problem
 from edge_daemon.events import CropTuning, EventTracker, EventTuning, Outgoing
 from edge_daemon.http import HealthServer
 from edge_daemon.model import LoadedBundle, load_bundle
@@ -161,14 +161,30 @@ class Daemon:
         )
         return bundle, backend
 
+    def _check_before_start(self) -> None:
+        """What no retry can fix, refused before anything starts: a camera this OpenCV cannot open at all (exit 3, a
+        capability missing) and a state folder that cannot be written (exit 2)."""
+        from edge_daemon.capture.sources import missing_capability, parse_source
+
+        for cam in self.config.cameras:
+            missing = missing_capability(parse_source(cam.source))
+            if missing is not None:
+                raise StartupError(f"camera {cam.id}: {missing}", 3)
+        problem = writable_folder_problem(self.config.state_dir)
+        if problem is not None:
+            raise StartupError(f"state_dir {problem}", 2)
+
     def _start_link(self) -> MqttLink:
         cfg = self.config
         try:
             self.spool = Spool(cfg.spool.path, int(cfg.spool.max_mb * 1024 * 1024), synchronous=cfg.spool.synchronous)
         except Exception as exc:
             raise StartupError(f"spool {cfg.spool.path} cannot be used: {exc}", 2) from None
-        link = MqttLink(mqtt_settings(cfg), self.spool, command_topics=COMMAND_TOPICS, on_command=self._on_command)
-        return link
+        try:
+            settings = mqtt_settings(cfg)
+        except (OSError, ValueError) as exc:  # the password file went away since the config was checked
+            raise StartupError(f"mqtt.password_file {cfg.mqtt.password_file}: {exc}", 2) from None
+        return MqttLink(settings, self.spool, command_topics=COMMAND_TOPICS, on_command=self._on_command)
 
     def _start_cameras(self, tuning: EventTuning, crop: CropTuning) -> list[list[CameraLane]]:
         """The cameras' lanes, dealt round-robin to the scoring workers."""
@@ -213,6 +229,7 @@ class Daemon:
         import cv2
 
         cv2.setNumThreads(1)  # one busy core per scoring worker (DESIGN.md, "Hot-path facts")
+        self._check_before_start()
         self.link = self._start_link()
         self.updater = Updater(self.config, self)
         self.bundle, backend = self._start_model(self.updater.startup_bundle())

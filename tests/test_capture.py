@@ -527,9 +527,11 @@ def jpeg(image: np.ndarray) -> bytes:
 class MjpegServer:
     """multipart/x-mixed-replace JPEG stream on loopback; stop() closes the listener and every client socket."""
 
-    def __init__(self, jpegs: list[bytes], fps: float = 25.0) -> None:
+    def __init__(self, jpegs: list[bytes], fps: float = 25.0, frames_per_connection: int | None = None) -> None:
         self.jpegs = jpegs
         self.period = 1.0 / fps
+        self.frames_per_connection = frames_per_connection
+        self.connected_at: list[float] = []  # time.monotonic() of each GET
         self.port = 0
         self._server: http.server.HTTPServer | None = None
         self._alive = threading.Event()
@@ -543,13 +545,14 @@ class MjpegServer:
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 with owner._lock:
                     owner._clients.add(self.connection)
+                    owner.connected_at.append(time.monotonic())
                 try:
                     self.send_response(200)
                     self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frameboundary")
                     self.send_header("Cache-Control", "no-cache")
                     self.end_headers()
                     i = 0
-                    while owner._alive.is_set():
+                    while owner._alive.is_set() and i != owner.frames_per_connection:
                         jpeg = owner.jpegs[i % len(owner.jpegs)]
                         i += 1
                         self.wfile.write(
@@ -653,6 +656,24 @@ def test_http_camera_goes_offline_and_comes_back(bottle_images: list[np.ndarray]
     finally:
         if server._server is not None:
             server.stop()
+
+
+def test_a_frame_then_a_drop_backs_off(bottle_images: list[np.ndarray], cameras: list[Camera]) -> None:
+    """A snapshot URL, or a single-session camera two clients keep taking from each other: one frame, then the
+    connection drops. Such a session does not restart the reconnect backoff (it used to, so the camera flapped
+    offline/online every half second for ever, a status message each time)."""
+    server = MjpegServer([jpeg(bottle_images[0])], frames_per_connection=1)
+    server.start()
+    try:
+        cam = Camera("snap", server.url, backoff_s=(0.2, 1.6), open_timeout_s=2.0, read_timeout_s=1.0)
+        cameras.append(cam)
+        cam.start()
+        wait_for(lambda: len(server.connected_at) >= 5, "five connections")
+        gaps = np.diff(server.connected_at[:5])
+        # backoff after the k-th failure is uniform(c/2, c) with c = 0.2 * 2**k: the 4th gap waits at least 0.8 s
+        assert gaps[3] >= 0.8, gaps
+    finally:
+        server.stop()
 
 
 # ---- a real RTSP camera (gst-rtsp-server) that disappears and comes back ---------------------------------------

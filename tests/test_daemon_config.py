@@ -133,6 +133,30 @@ def test_password_file(tmp_path: Path) -> None:
         parse_config(GOOD.replace("  port: 1883", f"  port: 1883\n  password_file: {tmp_path / 'missing'}"))
 
 
+def test_broker_files_are_found_beside_the_config_whatever_the_working_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd starts the daemon in /: a relative password_file or TLS file is the config folder's, for the check
+    at load as for the daemon's use (the check looked in the working folder, refusing a good config)."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "pw.txt").write_text("hunter2\n")
+    (etc / "ca.pem").write_text("-----BEGIN CERTIFICATE-----\n")
+    config = etc / "config.yaml"
+    config.write_text(GOOD.replace("  port: 1883", "  port: 1883\n  password_file: pw.txt\n  tls: {ca: ca.pem}"))
+    monkeypatch.chdir("/")
+    cfg = load_config(config)
+    assert cfg.mqtt_password() == "hunter2" and cfg.mqtt.tls is not None and cfg.mqtt.tls.ca == etc / "ca.pem"
+    (etc / "ca.pem").unlink()
+    with pytest.raises(ConfigError, match=rf"mqtt\.tls\.ca: cannot read {etc / 'ca.pem'}: No such file"):
+        load_config(config)
+
+
+def test_a_boolean_camera_source_is_refused() -> None:
+    with pytest.raises(ConfigError, match="camera source must be a device index or a string, got bool"):
+        parse_config(GOOD.replace("source: /dev/video0", "source: true"))
+
+
 def test_check_config_cli(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)
@@ -163,6 +187,46 @@ def test_doctor_reports_the_device(tmp_path: Path) -> None:
     assert res.returncode == 1
     assert any(ln.startswith("FAIL  broker") for ln in res.stdout.splitlines()), res.stdout
     assert any(ln.startswith("FAIL  bundle") for ln in res.stdout.splitlines()), res.stdout
+
+
+def test_what_no_retry_fixes_stops_run_at_once_and_fails_doctor(tmp_path: Path) -> None:
+    """A state_dir that cannot be written is exit 2 in one line (it was a traceback and exit 1, which systemd
+    restarts every 5 s for ever); a gst: source on an OpenCV without GStreamer is exit 3, a capability missing (it
+    was retried for ever). doctor fails both, and never prints a camera's password."""
+    from edge_daemon.capture.sources import has_gstreamer
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        GOOD.replace("mqtt.plant.local", "127.0.0.1").replace("port: 1883", "port: 9")
+        + f"state_dir: {blocker / 'state'}\n"
+        + f"spool: {{path: {tmp_path / 'spool.db'}}}\n"
+    )
+    cfg.write_text(cfg.read_text().replace("rtsp://10.0.0.5/stream", "rtsp://admin:Hunter2@10.0.0.5/stream"))
+    res = cli("run", "--config", cfg)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"state_dir {blocker / 'state'} cannot be made" not in res.stderr  # run creates: the OS says why not
+    assert f"state_dir {blocker / 'state'} cannot be written: Not a directory" in res.stderr, res.stderr
+    res = cli("doctor", "--config", cfg)
+    lines = res.stdout.splitlines()
+    assert res.returncode == 1
+    assert f"FAIL  state_dir    {blocker / 'state'} cannot be made: {blocker} is not a folder" in lines, res.stdout
+    assert any(ln.startswith("ok    spool ") for ln in lines), res.stdout
+    assert "Hunter2" not in res.stdout and any("rtsp://***@10.0.0.5/stream" in ln for ln in lines), res.stdout
+    if has_gstreamer():
+        return
+    cfg.write_text(
+        cfg.read_text()
+        .replace(f"state_dir: {blocker / 'state'}", f"state_dir: {tmp_path / 'state'}")
+        .replace("source: /dev/video0", "source: 'gst:videotestsrc ! videoconvert'")
+    )
+    res = cli("run", "--config", cfg)
+    assert res.returncode == 3 and "Traceback" not in res.stderr, res.stderr
+    assert "camera cam0: gstreamer pipeline" in res.stderr and "built without GStreamer" in res.stderr, res.stderr
+    res = cli("doctor", "--config", cfg)
+    fail = [ln for ln in res.stdout.splitlines() if ln.startswith("FAIL  camera cam0")]
+    assert res.returncode == 1 and fail and "built without GStreamer" in fail[0], res.stdout
 
 
 def test_the_daemon_extra_leaves_opencv_to_the_device_and_run_says_when_it_is_missing(tmp_path: Path) -> None:

@@ -43,6 +43,8 @@ CameraState = Literal["starting", "online", "degraded", "offline", "ended"]
 
 # Pace for realtime file playback when the file does not say its frame rate (frames per second).
 DEFAULT_FILE_FPS = 25.0
+# A session must deliver frames this long (s) before its failure restarts the reconnect backoff from its minimum.
+STABLE_SESSION_S = 10.0
 # The window over which stats()["fps_in"] is measured (seconds).
 FPS_WINDOW_S = 5.0
 
@@ -348,8 +350,10 @@ class Camera:
         """Open the source once and read until it fails, ends or a stop is asked.
 
         Returns "stopped", "ended" (file done, no loop), "loop" (file done, read it again), "failed" (no
-        good frame this session) or "good_then_failed" (frames came, then the source failed; the backoff
-        restarts from its minimum). A session after a failure that delivers a frame counts a reconnect.
+        good frame this session, or frames for less than ``STABLE_SESSION_S``: a snapshot URL, two clients kicking
+        each other off a single-session camera) or "good_then_failed" (frames came for at least ``STABLE_SESSION_S``,
+        then the source failed; the backoff restarts from its minimum). A session after a failure that delivers a
+        frame counts a reconnect.
         """
         try:
             cap = open_capture(self.spec, open_timeout_s=self.open_timeout_s, read_timeout_s=self.read_timeout_s)
@@ -365,7 +369,7 @@ class Camera:
         self._health.reset()
         pace = 1.0 / (source_fps(cap) or self.expected_fps or DEFAULT_FILE_FPS) if self.spec.is_file else 0.0
         paced = self.spec.is_file and self.realtime
-        t0 = time.monotonic()
+        t0 = t_open = time.monotonic()
         n_read = 0
         next_due = 0.0
         while not self._stop.is_set():
@@ -385,7 +389,7 @@ class Camera:
                     self._set_status("offline", "no_frames", f"{self.spec.describe()}: opened, but no frame came")
                     return "failed"
                 self._set_status("offline", "read_failed", f"{self.spec.describe()}: frames stopped coming")
-                return "good_then_failed"
+                return "good_then_failed" if time.monotonic() - t_open >= STABLE_SESSION_S else "failed"
             t = time.monotonic()
             wall = time.time()
             n_read += 1

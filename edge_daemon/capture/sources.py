@@ -149,6 +149,29 @@ def has_gstreamer() -> bool:
         return "GStreamer:                   YES" in cv2.getBuildInformation()
 
 
+def has_ffmpeg() -> bool:
+    """Whether the loaded cv2 can open files and network streams through FFmpeg."""
+    cv2 = _cv2()
+    try:
+        return bool(cv2.videoio_registry.hasBackend(cv2.CAP_FFMPEG))
+    except (AttributeError, cv2.error):
+        return re.search(r"^\s*FFMPEG:\s*YES", cv2.getBuildInformation(), re.MULTILINE) is not None
+
+
+def missing_capability(spec: SourceSpec) -> str | None:
+    """Why the loaded OpenCV can never open ``spec`` (it was built without the backend the source needs), or None.
+    Retrying cannot help such a source: the daemon refuses to start on it (exit 3) and doctor fails it."""
+    cv2 = _cv2()
+    if spec.kind == "gstreamer" and not has_gstreamer():
+        return (
+            f"{spec.describe()}: this OpenCV ({cv2.__version__}, {cv2.__file__}) was built without GStreamer; "
+            "use the platform's OpenCV (JetPack's on a Jetson) instead of a pip opencv-python wheel"
+        )
+    if spec.kind in ("file", "rtsp", "http") and not has_ffmpeg():
+        return f"{spec.describe()}: this OpenCV ({cv2.__version__}, {cv2.__file__}) was built without FFmpeg"
+    return None
+
+
 def open_capture(spec: SourceSpec, *, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0) -> cv2.VideoCapture:
     """Open ``spec`` and return an opened ``cv2.VideoCapture``; raises CaptureError naming the source and why.
 
@@ -179,11 +202,9 @@ def open_capture(spec: SourceSpec, *, open_timeout_s: float = 10.0, read_timeout
         cap = _video_capture(cv2, name, spec.target, api, [])
         reason = "the device exists but could not be opened (busy, no permission, or not a capture device)"
     elif spec.kind == "gstreamer":
-        if not has_gstreamer():
-            raise CaptureError(
-                f"{name}: this OpenCV ({cv2.__version__}, {cv2.__file__}) was built without GStreamer; "
-                "use the platform's OpenCV (JetPack's on a Jetson) instead of a pip opencv-python wheel"
-            )
+        missing = missing_capability(spec)
+        if missing is not None:
+            raise CaptureError(missing)
         cap = _video_capture(cv2, name, spec.target, cv2.CAP_GSTREAMER, timeouts)
         if not cap.isOpened():  # an OpenCV older than 4.6 refuses the timeout parameters: try without them
             cap.release()
