@@ -13,6 +13,12 @@ crops is itself dropped. Every drop is counted, and the counts persist in the fi
 
 Row ids only grow (AUTOINCREMENT), even after every row was deleted: a sender may remember "everything
 up to id N was handed over" and never see a new row below N.
+
+A spool of ours that is damaged (a torn write on SD/eMMC after a power cut: its header unreadable, or
+``PRAGMA quick_check`` failing at open) is set aside as ``<name>.corrupt-<unix time>`` (with its -wal and -shm) and
+a new, empty spool is started, logged as an error: the daemon keeps running and spooling instead of refusing to
+start for ever, and the damaged file stays for whoever wants to recover from it. A file that is not ours (another
+application's database, any other file) is never touched: that stays a SpoolError.
 """
 
 from __future__ import annotations
@@ -56,6 +62,15 @@ class SpoolError(RuntimeError):
     """The spool file cannot be used: not a spool, not writable, disk full, closed. The message names the file."""
 
 
+class _Damaged(Exception):
+    """A spool of ours that SQLite finds damaged (set aside and started afresh: module docstring)."""
+
+
+def _is_corruption(e: sqlite3.DatabaseError) -> bool:
+    text = str(e).lower()
+    return "malformed" in text or "not a database" in text or "corrupt" in text
+
+
 @dataclass(frozen=True)
 class SpooledMessage:
     """One stored message. ``created`` is unix time in seconds; ``attempts`` counts the connections that
@@ -91,6 +106,8 @@ class Spool:
         self._lock = threading.Lock()
         self._count = 0
         self._bytes = 0
+        self._conn: sqlite3.Connection | None = None
+        self.set_aside: Path | None = None  # where a damaged spool of ours was moved at this open, if one was
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -98,23 +115,61 @@ class Spool:
         if self.path.is_dir():
             raise SpoolError(f"spool {self.path} is a directory, not a file")
         try:
-            self._conn: sqlite3.Connection | None = sqlite3.connect(
-                str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0
+            self._open(sync)
+        except _Damaged as damage:
+            self.set_aside = self._set_aside()
+            log.error(
+                "spool %s is damaged (%s): set aside as %s; starting a new, empty spool (the messages in the damaged "
+                "one are not sent)",
+                self.path,
+                damage,
+                self.set_aside.name,
             )
+            try:
+                self._open(sync)
+            except _Damaged as again:
+                why = f"a new spool is damaged too ({again}); is the disk failing?"
+                raise SpoolError(f"spool {self.path}: {why}") from None
+
+    def _open(self, sync: str) -> None:
+        """Connect and set up; SpoolError (unusable, not ours) or _Damaged (ours, damaged), the connection closed."""
+        try:
+            self._conn = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None, timeout=10.0)
         except sqlite3.Error as e:
             raise SpoolError(f"spool {self.path}: cannot open: {e}") from e
         try:
             self._setup(sync)
-        except sqlite3.Error as e:
+        except (sqlite3.Error, SpoolError, _Damaged) as e:
             self._conn.close()
             self._conn = None
+            if isinstance(e, sqlite3.DatabaseError) and _is_corruption(e) and self._marked_ours():
+                raise _Damaged(str(e)) from None
             if isinstance(e, sqlite3.DatabaseError) and "not a database" in str(e):
                 raise SpoolError(f"spool {self.path} is not a spool: the file is not an SQLite database") from e
-            raise SpoolError(f"spool {self.path}: cannot be used ({e}); is it writable?") from e
-        except SpoolError:
-            self._conn.close()
-            self._conn = None
+            if isinstance(e, sqlite3.Error):
+                raise SpoolError(f"spool {self.path}: cannot be used ({e}); is it writable?") from e
             raise
+
+    def _marked_ours(self) -> bool:
+        """Whether the file's SQLite header still carries our application_id (bytes 68-71), whatever else is torn."""
+        try:
+            with open(self.path, "rb") as f:
+                header = f.read(72)
+        except OSError:
+            return False
+        return len(header) == 72 and int.from_bytes(header[68:72], "big") == APPLICATION_ID
+
+    def _set_aside(self) -> Path:
+        """Move the damaged spool and its -wal/-shm to ``<name>.corrupt-<unix time>[-wal|-shm]``; its new path."""
+        target = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        for suffix in ("-wal", "-shm", ""):  # the main file last: until it moves, a restart finds the damage again
+            source = self.path.with_name(self.path.name + suffix)
+            if source.exists():
+                try:
+                    source.replace(target.with_name(target.name + suffix))
+                except OSError as e:
+                    raise SpoolError(f"spool {self.path} is damaged and cannot be moved away: {e}") from e
+        return target
 
     def _setup(self, sync: str) -> None:
         conn = self._db()
@@ -125,6 +180,10 @@ class Spool:
                 f"spool {self.path} is an SQLite database of something else (application_id {app_id:#x}, "
                 f"tables {sorted(tables)}), not an edge-inspect spool; refusing to touch it"
             )
+        if app_id == APPLICATION_ID:
+            check = [r[0] for r in conn.execute("PRAGMA quick_check(3)")]
+            if check != ["ok"]:
+                raise _Damaged(" ".join(" ".join(map(str, check)).split()))  # one line
         mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
         if str(mode).lower() != "wal":
             raise SpoolError(f"spool {self.path}: cannot switch to WAL mode (journal_mode is {mode})")

@@ -164,3 +164,33 @@ def test_clear_errors_for_files_that_are_not_spools(tmp_path: Path) -> None:
         Spool(tmp_path / "s.db", 0)
     with Spool(tmp_path / "s.db", 1000) as spool, pytest.raises(ValueError, match="kind"):
         spool.put("p/x", b"", "picture")
+
+
+def test_a_damaged_spool_of_ours_is_set_aside_and_a_new_one_serves(tmp_path: Path) -> None:
+    """A torn write after a power cut: the header (first 16 bytes) or b-tree pages unreadable. The daemon must keep
+    spooling (it refused to start for ever: exit 2, and systemd does not restart that), the damaged file kept."""
+    import os
+
+    for damage in ("header", "pages"):
+        path = tmp_path / damage / "spool.db"
+        with Spool(path, 10_000_000) as spool:
+            for i in range(200):
+                spool.put(f"p/cam0/events/{i}", os.urandom(3000), "event")
+        with sqlite3.connect(path) as conn:  # fold the WAL in, so that the damage is in the file itself
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            page = conn.execute("PRAGMA page_size").fetchone()[0]
+        data = bytearray(path.read_bytes())
+        if damage == "header":
+            data[:16] = bytes(16)
+        else:
+            for n in (1, 2, 3):
+                data[n * page : n * page + 16] = b"\xff" * 16
+        path.write_bytes(data)
+        with Spool(path, 10_000_000) as spool:
+            assert spool.set_aside is not None and spool.set_aside.name.startswith("spool.db.corrupt-")
+            assert spool.set_aside.read_bytes() == bytes(data)
+            assert spool.depth() == (0, 0)
+            row = spool.put("p/cam0/events", b"{}", "event")
+            assert [m.id for m in spool.pending()] == [row]
+        with Spool(path, 10_000_000) as spool:  # the new one is sound
+            assert spool.set_aside is None and spool.depth() == (1, 2)
