@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,6 +38,7 @@ class _Collector:
             "frames_scored": ("edge_frames_scored_total", "frames scored", CounterMetricFamily),
             "anomalous": ("edge_frames_anomalous_total", "frames at or above threshold", CounterMetricFamily),
             "reconnects": ("edge_camera_reconnects_total", "camera reopen attempts", CounterMetricFamily),
+            "roi_errors": ("edge_roi_errors_total", "frames unscored: roi outside them", CounterMetricFamily),
             "events_opened": ("edge_events_opened_total", "anomaly events started", CounterMetricFamily),
             "threshold": ("edge_threshold", "current threshold, normalised units", GaugeMetricFamily),
             "latency_p50_ms": ("edge_latency_p50_ms", "capture to outbox, median, ms", GaugeMetricFamily),
@@ -105,7 +107,9 @@ class HealthServer:
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (http.server's signature)
                 log.debug("http: " + format, *args)
 
-        self.server = ThreadingHTTPServer((host.strip("[]"), int(port)), Handler)
+        address = host.strip("[]")
+        server_class = _ThreadingHTTPServerV6 if ":" in address else ThreadingHTTPServer  # "[::1]:9108", "[::]:9108"
+        self.server = server_class((address, int(port)), Handler)
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="http", daemon=True)
@@ -117,3 +121,9 @@ class HealthServer:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class _ThreadingHTTPServerV6(ThreadingHTTPServer):
+    """For an IPv6 ``http.bind`` ("[::1]:9108"): http.server binds IPv4 sockets only."""
+
+    address_family = socket.AF_INET6

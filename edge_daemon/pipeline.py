@@ -56,6 +56,7 @@ class CameraLane:
     last_scored: float = field(default_factory=time.monotonic)
     last_failed: float | None = None
     failure: str | None = None
+    roi_checked_for: tuple[int, int] | None = None  # the frame size (h, w) the roi was last checked against
 
     def failing_for(self, now: float) -> float | None:
         """Seconds for which frames have arrived but none was scored (each one failed), or None when the last
@@ -67,6 +68,18 @@ class CameraLane:
     @property
     def camera_id(self) -> str:
         return self.camera.camera_id
+
+
+def roi_fit_problem(roi: tuple[int, int, int, int], shape: tuple[int, int]) -> str | None:
+    """None when ``roi`` (x, y, w, h) lies inside a frame of ``shape`` (h, w), else what happens to it, one line."""
+    x, y, w, h = roi
+    H, W = shape
+    x0, y0, x1, y1 = max(0, x), max(0, y), min(W, x + w), min(H, y + h)
+    if x1 <= x0 or y1 <= y0:
+        return f"roi {roi} lies outside the {W}x{H} frame: none of its frames is scored"
+    if (x0, y0, x1, y1) != (x, y, x + w, y + h):
+        return f"roi {roi} reaches past the {W}x{H} frame: only its {x1 - x0}x{y1 - y0} part inside is scored"
+    return None
 
 
 def cut_roi(image: np.ndarray, roi: tuple[int, int, int, int] | None) -> np.ndarray:
@@ -165,6 +178,11 @@ class Pipeline:
         spec = self.bundle.input_spec
         inputs, kept = [], []
         for lane, frame in chunk:
+            if lane.roi is not None and frame.image.shape[:2] != lane.roi_checked_for:  # once per frame size
+                lane.roi_checked_for = frame.image.shape[:2]
+                problem = roi_fit_problem(lane.roi, frame.image.shape[:2])
+                if problem is not None:
+                    log.warning("camera %s: %s", lane.camera_id, problem)
             try:
                 inputs.append(preprocess(cut_roi(frame.image, lane.roi), spec))
                 kept.append((lane, frame))

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import socket
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import cv2
+import numpy as np
 import pytest
 
 from tests.conftest import SignedBundle
@@ -174,6 +176,12 @@ def test_health_fails_while_no_frame_can_be_scored_and_an_ended_worker_is_no_sta
         )
         assert not any("no progress" in p for p in problems), problems  # cam1's worker ended: not a stall
         assert "on 2 worker(s)" in daemon.text() and daemon.alive()
+        # said once in the log (per frame size), counted on /metrics
+        warning = "camera cam0: roi (5000, 5000, 64, 64) lies outside the"
+        assert daemon.text().count(warning) == 1, daemon.text()[-3000:]
+        metrics = _get(port, "/metrics")[1].decode()
+        roi_errors = re.search(r'^edge_roi_errors_total\{camera="cam0"\} (\S+)$', metrics, re.MULTILINE)
+        assert roi_errors is not None and float(roi_errors.group(1)) > 0, metrics
         notify.settimeout(0.05)
         with contextlib.suppress(TimeoutError):
             while True:  # skip what was sent until now: the watchdog must still be fed after cam1 ended
@@ -286,3 +294,34 @@ def test_camera_timeouts_come_from_the_config(signed_bottle_bundle: SignedBundle
                 assert daemon.alive()
             finally:
                 assert daemon.terminate(30) == 0, daemon.text()[-3000:]
+
+
+def test_an_roi_that_does_not_fit_its_frames_is_named() -> None:
+    from edge_daemon.pipeline import cut_roi, roi_fit_problem
+
+    frame = np.zeros((288, 320, 3), np.uint8)
+    assert roi_fit_problem((10, 20, 100, 50), frame.shape[:2]) is None
+    assert roi_fit_problem((200, 200, 256, 256), frame.shape[:2]) == (
+        "roi (200, 200, 256, 256) reaches past the 320x288 frame: only its 120x88 part inside is scored"
+    )
+    assert cut_roi(frame, (200, 200, 256, 256)).shape == (88, 120, 3)
+    assert roi_fit_problem((400, 400, 50, 50), frame.shape[:2]) == (
+        "roi (400, 400, 50, 50) lies outside the 320x288 frame: none of its frames is scored"
+    )
+
+
+def test_the_health_server_binds_an_ipv6_address() -> None:
+    """http.bind "[::1]:PORT" passed check-config and then failed at start: http.server binds IPv4 only."""
+    from edge_daemon.http import HealthServer
+
+    try:
+        with socket.socket(socket.AF_INET6) as probe:
+            probe.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback on this machine")
+    server = HealthServer("[::1]:0", lambda: {}, lambda: (200, {"ok": True})).start()
+    try:
+        with urllib.request.urlopen(f"http://[::1]:{server.port}/healthz", timeout=5) as r:
+            assert r.status == 200 and json.loads(r.read()) == {"ok": True}
+    finally:
+        server.stop()
