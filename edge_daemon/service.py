@@ -559,7 +559,11 @@ class Daemon:
             needs_restart.append("cameras")
         if new.events != self.config.events or new.crop != self.config.crop:
             needs_restart.append("events/crop")
-        self.config = new.model_copy(update={k: getattr(self.config, k) for k in needs_restart if k != "events/crop"})
+        # What needs a restart keeps its running value here, so that the next reload still sees it differ.
+        kept = [k for k in needs_restart if k != "events/crop"] + (
+            ["events", "crop"] if "events/crop" in needs_restart else []
+        )
+        self.config = new.model_copy(update={k: getattr(self.config, k) for k in kept})
         if self.updater is not None:
             self.updater.config = self.config  # updates.* and allow_downgrade apply to the next request
         log.info(

@@ -138,6 +138,14 @@ def test_commands_health_metrics_and_reload(
             assert daemon.alive()
             publish(broker.port, f"{PREFIX}/cam0/threshold/set", b'{"threshold": null, "request_id": "r6"}')
             assert answer("r6")["threshold"] == 0.65 and last_json(sub, state)["source"] == "config"
+            # an events change needs a restart: said at every reload until then (the second one forgot it)
+            config.write_text(
+                config.read_text().replace('"drain_timeout_s": 5', '"drain_timeout_s": 5, "events": {"open_frames": 5}')
+            )
+            for reloads in (2, 3):
+                daemon.proc.send_signal(1)
+                wait_until(lambda n=reloads: daemon.text().count("config reloaded") == n, 20, f"reload {reloads}")
+            assert daemon.text().count("a restart is needed for: events/crop") == 2, daemon.text()[-3000:]
             # a broken config on SIGHUP is refused and the daemon keeps running
             config.write_text("device_id: [\n")
             daemon.proc.send_signal(1)
