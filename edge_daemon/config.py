@@ -264,6 +264,8 @@ def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
 
 
 def _describe(errors: list[Any], lines: dict[tuple[str, ...], int], source: str) -> list[str]:
+    """One line per validation error, with its YAML line, or the EDGE_* variable it came from."""
+    env = _env_config_vars()
     out = []
     for err in errors:
         loc = tuple(str(p) for p in err["loc"])
@@ -274,6 +276,10 @@ def _describe(errors: list[Any], lines: dict[tuple[str, ...], int], source: str)
                 break
         key = ".".join(loc) or "<top level>"
         where = f"line {line}: " if line else ""
+        lowered = tuple(p.lower() for p in loc)
+        var = next((v for v, path in env.items() if lowered[: len(path)] == path), None)
+        if var is not None:
+            where = f"environment variable {var}: "
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (a typo?)"
@@ -312,7 +318,11 @@ def parse_config(text: str, path: Path | None = None, *, base: Path | None = Non
         raise ConfigError(path, [_describe_env_error(exc)]) from None
     if base is not None:
         config = _resolve_paths(config, base)
-    problems = []
+    problems = [
+        f"environment variable {var} names no config key (keys are EDGE_<KEY>, and a section's keys "
+        f"EDGE_<SECTION>__<KEY>, e.g. EDGE_MQTT__HOST)"
+        for var in _unknown_env_vars()
+    ]
     if config.mqtt.password_file is not None and config.mqtt.password is None:
         try:
             config.mqtt_password()
@@ -381,9 +391,29 @@ def _resolve_paths(config: DaemonConfig, base: Path) -> DaemonConfig:
     return config
 
 
+ENV_PREFIX = "EDGE_"
+OTHER_ENV_PREFIX = "EDGE_INSPECT_"  # the project's variables that are not config keys (the trainer's cache, tests)
+
+
+def _env_config_vars() -> dict[str, tuple[str, ...]]:
+    """EDGE_* variable -> the key path it sets (EDGE_MQTT__HOST -> ("mqtt", "host")); names are case-insensitive."""
+    return {
+        k: tuple(k[len(ENV_PREFIX) :].lower().split("__"))
+        for k in os.environ
+        if k.upper().startswith(ENV_PREFIX) and not k.upper().startswith(OTHER_ENV_PREFIX)
+    }
+
+
 def env_overrides() -> list[str]:
-    """The EDGE_* variables in this environment (names only, values may be secrets): shown by check-config."""
-    return sorted(k for k in os.environ if k.startswith("EDGE_") and k != "EDGE_INSPECT_CACHE")
+    """The EDGE_* variables in this environment that set config keys (names only, values may be secrets): shown by
+    check-config. A variable naming no key is a config problem (``parse_config``), not an override."""
+    return sorted(k for k, path in _env_config_vars().items() if path[0] in DaemonConfig.model_fields)
+
+
+def _unknown_env_vars() -> list[str]:
+    """EDGE_* variables that name no config key: pydantic-settings ignores them, so a typo (EDGE_MQTT_HOST for
+    EDGE_MQTT__HOST) would silently leave the file's value in force."""
+    return sorted(k for k, path in _env_config_vars().items() if path[0] not in DaemonConfig.model_fields)
 
 
 def writable_folder_problem(folder: Path, *, create: bool = True) -> str | None:

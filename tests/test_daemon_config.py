@@ -125,6 +125,26 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
     assert "s3cret" not in repr(cfg) and "s3cret" not in cfg.model_dump_json()
 
 
+def test_environment_variables_that_set_nothing_or_set_it_wrong_are_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A variable that names no key was listed as an applied override and ignored (EDGE_MQTT_HOST for
+    EDGE_MQTT__HOST: the daemon then talks to the file's broker); a bad value from a variable was blamed on the
+    YAML line of that key."""
+    monkeypatch.setenv("EDGE_MQTT_HOST", "broker.plant")
+    with pytest.raises(ConfigError, match="environment variable EDGE_MQTT_HOST names no config key"):
+        parse_config(GOOD)
+    monkeypatch.delenv("EDGE_MQTT_HOST")
+    monkeypatch.setenv("EDGE_MQTT__PORT", "abc")
+    with pytest.raises(ConfigError) as err:
+        parse_config(GOOD)
+    assert err.value.problems == [
+        "environment variable EDGE_MQTT__PORT: mqtt.port: Input should be a valid integer, unable to parse string as "
+        "an integer"
+    ]
+    monkeypatch.setenv("EDGE_INSPECT_CACHE", "/tmp/cache")  # the project's other variables are not config keys
+    monkeypatch.setenv("EDGE_MQTT__PORT", "1884")
+    assert parse_config(GOOD).mqtt.port == 1884
+
+
 def test_password_file(tmp_path: Path) -> None:
     (tmp_path / "pw").write_text("hunter2\n")
     cfg = parse_config(GOOD.replace("  port: 1883", f"  port: 1883\n  password_file: {tmp_path / 'pw'}"))
