@@ -36,7 +36,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-EndReason = Literal["normal", "max_length", "camera_lost", "source_ended", "model_swap", "shutdown"]
+# "restart": ended at the next start after a crash or power cut left it open (edge_daemon.open_events)
+EndReason = Literal["normal", "max_length", "camera_lost", "source_ended", "model_swap", "shutdown", "restart"]
 _END_REASONS: frozenset[str] = frozenset(get_args(EndReason))
 _TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

@@ -44,6 +44,7 @@ from edge_daemon.http import HealthServer
 from edge_daemon.model import LoadedBundle, load_bundle
 from edge_daemon.mqtt import MqttLink, MqttSettings
 from edge_daemon.notify import Notifier
+from edge_daemon.open_events import OpenEventLog
 from edge_daemon.pipeline import DEFAULT_THRESHOLD, CameraLane, Pipeline, PipelinePool, percentile_ms
 from edge_daemon.spool import Spool
 from edge_daemon.updater import Probe, Updater
@@ -119,6 +120,7 @@ class Daemon:
         self.pipeline: PipelinePool | None = None
         self.link: MqttLink | None = None
         self.spool: Spool | None = None
+        self.open_events: OpenEventLog | None = None
         self.cameras: dict[str, Camera] = {}
         self.http: HealthServer | None = None
         self.updater: Updater | None = None
@@ -231,6 +233,9 @@ class Daemon:
         cv2.setNumThreads(1)  # one busy core per scoring worker (DESIGN.md, "Hot-path facts")
         self._check_before_start()
         self.link = self._start_link()
+        self.open_events = OpenEventLog(self.config.state_dir)
+        for end in self.open_events.ends_after_crash(time.time()):  # spooled now, sent once the link is up
+            self._send(end)
         self.updater = Updater(self.config, self)
         self.bundle, backend = self._start_model(self.updater.startup_bundle())
         tuning, crop = event_tuning(self.config)
@@ -345,6 +350,8 @@ class Daemon:
     def _send(self, message: Outgoing) -> None:
         assert self.link is not None
         self.link.send(message.suffix, message.payload, message.kind)
+        if self.open_events is not None:
+            self.open_events.note(message)
 
     # ------------------------------------------------------------------------------------- retained states
 

@@ -229,3 +229,36 @@ def test_two_workers_two_cameras(signed_bottle_bundle: SignedBundle, line: LineV
         for c in ("cam0", "cam1")
     }
     assert spans["cam0"] == spans["cam1"]
+
+
+def test_an_event_a_crash_left_open_is_ended_at_the_next_start(
+    signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path
+) -> None:
+    """DESIGN.md: an open event is always closed. SIGKILL (the watchdog's abort, an OOM kill, a power cut) leaves no
+    chance to send its end: the next start sends it, reason "restart", the event's next seq."""
+    b = signed_bottle_bundle
+    never_closes = {"open_frames": 1, "close_frames": 1000, "max_seconds": 3600}
+    with Broker(tmp_path / "broker") as broker, Subscriber(broker.port, f"{PREFIX}/#") as sub:
+        config = write_config(
+            tmp_path, b.path, b.public_key, broker.port, [camera(line, realtime=True, loop=True)], events=never_closes
+        )
+        first = Daemon(config)
+        wait_until(lambda: any(e["type"] == "start" for e in events_of(sub.messages)), 60, "an event to start")
+        first.kill()
+        opened = [e for e in events_of(sub.messages) if e["type"] == "start"]
+        assert len(opened) == 1
+        event_id = opened[0]["event_id"]
+        second = Daemon(config)
+
+        def end_of_the_first() -> dict[str, object] | None:
+            ends = [e for e in events_of(sub.messages) if e["event_id"] == event_id and e["type"] == "end"]
+            return ends[0] if ends else None
+
+        wait_until(lambda: end_of_the_first() is not None, 60, "the end of the event left open")
+        assert second.terminate(30) == 0, second.text()[-3000:]
+    end = end_of_the_first()
+    assert end is not None and end["reason"] == "restart"
+    last = [e for e in events_of(sub.messages) if e["event_id"] == event_id and e["type"] != "end"][-1]
+    assert end["seq"] == last["seq"] + 1 and end["started_at"] == opened[0]["started_at"]
+    assert "left open by the last run" in second.text()
+    check_events_and_crops(sub.messages, model_sha(b))
