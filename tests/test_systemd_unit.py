@@ -48,6 +48,9 @@ def test_systemd_analyze_accepts_the_unit(tmp_path: Path) -> None:
 def test_example_config_is_valid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "pw").write_text("secret\n")
     monkeypatch.setenv("EDGE_MQTT__PASSWORD_FILE", str(tmp_path / "pw"))
+    for key in ("ca", "cert", "key"):  # the files the example names must exist: the config check reads them
+        (tmp_path / key).write_text("PEM\n")
+        monkeypatch.setenv(f"EDGE_MQTT__TLS__{key.upper()}", str(tmp_path / key))
     cfg = load_config(SYSTEMD / "config.example.yaml")
     assert cfg.device_id == "line3-cam-a" and [c.id for c in cfg.cameras] == ["cam0", "cam1"]
     assert cfg.mqtt.tls is not None and cfg.crop.min_side == 96
