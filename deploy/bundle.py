@@ -673,17 +673,13 @@ def edit_bundle(path: Path) -> Iterator[Path]:
     A folder is yielded as itself. A .tar is unpacked (``safe_extract``) into a temporary folder beside it, on the
     same file system, since a compiled engine can be hundreds of MB, and re-packed over ``path`` atomically
     (``pack_tar``) when the block ends without an exception; after an exception the .tar is left as it was.
-    The temporary folder is removed either way. BundleError when ``path`` is neither.
+    The temporary folder is removed either way. BundleError when ``path`` is neither (``open_bundle``'s).
     """
     path = Path(path)
-    if path.is_dir():
-        yield path
-        return
-    if not path.is_file():
-        raise BundleError(f"no bundle at {path}" if not path.exists() else f"{path} is neither a folder nor a file")
     with open_bundle(path, tmp_dir=path.parent) as root:
         yield root
-        pack_tar(root, path)
+        if root != path:
+            pack_tar(root, path)
 
 
 @contextlib.contextmanager

@@ -113,7 +113,10 @@ def _opencv() -> tuple[dict[str, Any], list[Check]]:
         m = re.search(rf"^\s*{name}:\s*(\S+)", info, re.MULTILINE)
         return bool(m and m.group(1).upper().startswith("YES"))
 
-    gst, ffmpeg, v4l = has("GStreamer"), has("FFMPEG"), has("v4l/v4l2")
+    from edge_daemon.capture.sources import has_ffmpeg, has_gstreamer
+
+    # the same answers the daemon acts on (missing_capability): a camera line never contradicts these
+    gst, ffmpeg, v4l = has_gstreamer(), has_ffmpeg(), has("v4l/v4l2")
     facts = {
         "opencv": cv2.__version__,
         "opencv_path": str(Path(cv2.__file__).parent),

@@ -54,8 +54,7 @@ class OpenEventLog:
         with self._lock:
             self._open.clear()
             self._save()
-        for end in ends:
-            event_id = json.loads(end.payload)["event_id"]
+        for event_id in left:
             log.warning("ending event %s, left open by the last run (a crash or power cut)", event_id)
         return ends
 
