@@ -9,8 +9,9 @@ A bundle is a directory, or a plain .tar of that directory's contents (no top-le
 Verification (``verify_bundle``) checks, each with its own one-line message: manifest.json present, parses,
 known schema version; the signature present (unless not required) and made by a trusted key; the
 bundle's min_daemon_version; every listed file present with its size and sha256; no file that the
-manifest does not list; no symlinks or special files. A .tar is unpacked first by ``safe_extract``,
-which checks every member itself (absolute paths, '..', links, devices/fifos, sizes, member count,
+manifest does not list; no symlinks or special files. A .tar's signature, manifest and member list (names and
+sizes) are checked from its headers before anything is unpacked (``verify_tar_manifest``); it is then unpacked
+by ``safe_extract``, which checks every member itself (absolute paths, '..', links, devices/fifos, sizes, member count,
 truncation) before writing anything, and writes only regular files and folders under the target.
 
 Every failure raises ``BundleError`` with one line naming the cause (the CLIs turn it into exit 2).
@@ -58,6 +59,7 @@ __all__ = [
     "sign_bundle",
     "verify_bundle",
     "verify_bundle_details",
+    "verify_tar_manifest",
     "write_bundle",
 ]
 
@@ -193,32 +195,30 @@ def _signature_bytes(signature: Mapping[str, str]) -> bytes:
 # ------------------------------------------------------------------------------------------- verify
 
 
-def _verify_dir(
-    root: Path,
+def _verify_manifest(
+    manifest_bytes: bytes,
+    signature_raw: bytes | None,
     trusted_keys: Sequence[Path],
     *,
     daemon_version: str | None,
     require_signature: bool,
-    check_signature: bool = True,
-) -> VerifiedBundle:
-    """The checks of verify_bundle on an unpacked directory. ``daemon_version`` None skips the version check."""
-    manifest_bytes = _read_small(root / MANIFEST_NAME, MAX_MANIFEST_BYTES, MANIFEST_NAME)
+) -> tuple[Manifest, str | None]:
+    """The checks that need only manifest.json and the signature file's bytes (None: there is none): the manifest
+    parses, the signature is made by a trusted key (checked whenever there is one and keys are given, required when
+    ``require_signature``), the bundle's min_daemon_version (``daemon_version`` None skips it), and every listed
+    name is a safe relative path. Returns the manifest and the signing key's id (None when unsigned and allowed)."""
     manifest = parse_manifest(manifest_bytes)
-
     signer: str | None = None
-    if check_signature:
-        sig_path = root / SIGNATURE_NAME
-        if os.path.lexists(sig_path):
-            sig_raw = _read_small(sig_path, MAX_SIGNATURE_BYTES, "signature file")
-            try:
-                signature: Any = parse_untrusted_json(sig_raw)
-            except ValueError:
-                raise BundleError("signature file does not parse as JSON") from None
-            if require_signature or trusted_keys:
-                trusted = [load_public_key(Path(p)) for p in trusted_keys]
-                signer = verify_signature(manifest_bytes, signature, trusted)
-        elif require_signature:
-            raise BundleError("bundle is unsigned (no signature file): sign it with edge-deploy sign BUNDLE --key KEY")
+    if signature_raw is not None:
+        try:
+            signature: Any = parse_untrusted_json(signature_raw)
+        except ValueError:
+            raise BundleError("signature file does not parse as JSON") from None
+        if require_signature or trusted_keys:
+            trusted = [load_public_key(Path(p)) for p in trusted_keys]
+            signer = verify_signature(manifest_bytes, signature, trusted)
+    elif require_signature:
+        raise BundleError("bundle is unsigned (no signature file): sign it with edge-deploy sign BUNDLE --key KEY")
 
     if daemon_version is not None and version_tuple(manifest.min_daemon_version) > version_tuple(daemon_version):
         raise BundleError(
@@ -230,6 +230,32 @@ def _verify_dir(
         _check_relpath(name, "manifest lists file")
         if name in RESERVED_NAMES:
             raise BundleError(f"manifest lists {name}, which may not be listed")
+    return manifest, signer
+
+
+def _verify_dir(
+    root: Path,
+    trusted_keys: Sequence[Path],
+    *,
+    daemon_version: str | None,
+    require_signature: bool,
+    check_signature: bool = True,
+) -> VerifiedBundle:
+    """The checks of verify_bundle on an unpacked directory. ``daemon_version`` None skips the version check."""
+    manifest_bytes = _read_small(root / MANIFEST_NAME, MAX_MANIFEST_BYTES, MANIFEST_NAME)
+    sig_path = root / SIGNATURE_NAME
+    sig_raw = (
+        _read_small(sig_path, MAX_SIGNATURE_BYTES, "signature file")
+        if check_signature and os.path.lexists(sig_path)
+        else None
+    )
+    manifest, signer = _verify_manifest(
+        manifest_bytes,
+        sig_raw,
+        trusted_keys,
+        daemon_version=daemon_version,
+        require_signature=require_signature and check_signature,
+    )
     present = _scan_dir(root)
     for name in sorted(manifest.files):
         if name not in present:
@@ -257,8 +283,12 @@ def verify_bundle_details(
     daemon_version: str = __version__,
     require_signature: bool = True,
 ) -> VerifiedBundle:
-    """``verify_bundle``, also returning the signing key's id and the manifest's sha256."""
-    with open_bundle(Path(path)) as root:
+    """``verify_bundle``, also returning the signing key's id and the manifest's sha256. A .tar's signature, manifest
+    and member list are checked before anything is unpacked (``verify_tar_manifest``)."""
+    path = Path(path)
+    if path.is_file():
+        verify_tar_manifest(path, trusted_keys, daemon_version=daemon_version, require_signature=require_signature)
+    with open_bundle(path) as root:
         return _verify_dir(root, trusted_keys, daemon_version=daemon_version, require_signature=require_signature)
 
 
@@ -513,6 +543,76 @@ def _member_name(name: str) -> str | None:
     return "/".join(kept) if kept else None
 
 
+@contextlib.contextmanager
+def _scanned_tar(
+    tar_path: Path, *, max_bytes: int, max_members: int
+) -> Iterator[tuple[IO[bytes], list[tuple[tarfile.TarInfo, str]]]]:
+    """Open a bundle tar and check every member header (``_check_members``) without unpacking anything; yield the
+    open file and the members with their bundle-relative names. BundleError for a tar that is unreadable,
+    compressed, over ``max_bytes`` or ``max_members``, or holds anything but safe regular files and folders."""
+    label = tar_path.name
+    try:
+        f = open(tar_path, "rb")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise BundleError(f"cannot read {tar_path}: {exc.strerror or exc}") from None
+    with f:
+        file_size = os.fstat(f.fileno()).st_size
+        # headers and padding cost at most ~1.5 KiB a member: anything much bigger than the limit is refused unread
+        if file_size > max_bytes + (max_members + 10) * 1536:
+            raise BundleError(f"{label} is {file_size} bytes, over the limit of {max_bytes}")
+        head = f.read(8)
+        for magic, kind in _COMPRESSED_MAGIC.items():
+            if head.startswith(magic):
+                raise BundleError(f"{label} is {kind}-compressed: bundles are plain (uncompressed) tar files")
+        f.seek(0)
+        yield f, _check_members(f, file_size, label, max_bytes=max_bytes, max_members=max_members)
+
+
+def verify_tar_manifest(
+    tar_path: Path,
+    trusted_keys: Sequence[Path],
+    *,
+    daemon_version: str | None = __version__,
+    require_signature: bool = True,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    max_members: int = DEFAULT_MAX_MEMBERS,
+) -> None:
+    """Check a bundle tar before any of it is unpacked, reading only its member headers, manifest.json and
+    signature: the signature (as ``verify_bundle``: made by a trusted key, required unless ``require_signature``
+    is false), the manifest and min_daemon_version, and that the tar holds exactly the files the manifest lists
+    with the sizes it lists. So a tar nobody trusted signed costs no disk and no hashing. File contents are not
+    read: their sha256 is checked after unpacking (``verify_bundle_details`` on the folder). BundleError naming
+    the first problem."""
+    tar_path = Path(tar_path)
+    with _scanned_tar(tar_path, max_bytes=max_bytes, max_members=max_members) as (f, members):
+        files = {name: m for m, name in members if m.isfile()}
+
+        def small_member(name: str, limit: int, what: str) -> bytes | None:
+            member = files.get(name)
+            if member is None:
+                return None
+            if member.size > limit:
+                raise BundleError(f"{what} is {member.size} bytes, over the limit of {limit}")
+            f.seek(member.offset_data)
+            return f.read(member.size)
+
+        manifest_bytes = small_member(MANIFEST_NAME, MAX_MANIFEST_BYTES, MANIFEST_NAME)
+        if manifest_bytes is None:
+            raise BundleError(f"bundle has no {MANIFEST_NAME}")
+        sig_raw = small_member(SIGNATURE_NAME, MAX_SIGNATURE_BYTES, "signature file")
+    manifest, _ = _verify_manifest(
+        manifest_bytes, sig_raw, trusted_keys, daemon_version=daemon_version, require_signature=require_signature
+    )
+    for name, entry in sorted(manifest.files.items()):
+        if name not in files:
+            raise BundleError(f"file {name} listed in the manifest is missing")
+        if files[name].size != entry.size:
+            raise BundleError(f"file {name} was changed: {files[name].size} bytes, the manifest says {entry.size}")
+    for name in sorted(files):
+        if name not in manifest.files and name not in RESERVED_NAMES:
+            raise BundleError(f"unexpected file {name}: not listed in the manifest")
+
+
 def safe_extract(
     tar_path: Path, dest: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, max_members: int = DEFAULT_MAX_MEMBERS
 ) -> None:
@@ -530,21 +630,7 @@ def safe_extract(
     label = tar_path.name
     if os.path.lexists(dest) and (not dest.is_dir() or dest.is_symlink() or any(dest.iterdir())):
         raise BundleError(f"cannot unpack into {dest}: it exists and is not an empty folder")
-    try:
-        f = open(tar_path, "rb")  # noqa: SIM115 (closed by the with below)
-    except OSError as exc:
-        raise BundleError(f"cannot read {tar_path}: {exc.strerror or exc}") from None
-    with f:
-        file_size = os.fstat(f.fileno()).st_size
-        # headers and padding cost at most ~1.5 KiB a member: anything much bigger than the limit is refused unread
-        if file_size > max_bytes + (max_members + 10) * 1536:
-            raise BundleError(f"{label} is {file_size} bytes, over the limit of {max_bytes}")
-        head = f.read(8)
-        for magic, kind in _COMPRESSED_MAGIC.items():
-            if head.startswith(magic):
-                raise BundleError(f"{label} is {kind}-compressed: bundles are plain (uncompressed) tar files")
-        f.seek(0)
-        members = _check_members(f, file_size, label, max_bytes=max_bytes, max_members=max_members)
+    with _scanned_tar(tar_path, max_bytes=max_bytes, max_members=max_members) as (f, members):
         created = not os.path.lexists(dest)
         try:
             _extract_members(f, members, dest, label)

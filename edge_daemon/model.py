@@ -1,6 +1,7 @@
 """The detector bundle the daemon serves: verified against the trusted keys, unpacked where the backends can read it.
 
-A bundle folder is used in place; a ``.tar`` is unpacked (safely: deploy.bundle.safe_extract) into
+A bundle folder is used in place; a ``.tar`` is checked from its headers, manifest and signature first
+(deploy.bundle.verify_tar_manifest), then unpacked (safely: deploy.bundle.safe_extract) into
 ``<state_dir>/bundles/<manifest sha256>/``, a folder that outlives the process, since the backends read
 model.onnx and engines/ from it for as long as they serve. Nothing runs unless the signature verifies against
 one of ``trusted_keys`` (DESIGN.md, "Security model"); ``allow_unsigned`` exists for tests and the demo only.
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
-from deploy.bundle import VerifiedBundle, manifest_sha256, safe_extract, verify_bundle_details
+from deploy.bundle import VerifiedBundle, manifest_sha256, safe_extract, verify_bundle_details, verify_tar_manifest
 from deploy.durable import fsync_dir, fsync_tree, remove_orphans, scratch_prefix
 from deploy.manifest import BundleError, Calibration, Manifest
 from deploy.preprocess import InputSpec
@@ -100,7 +101,10 @@ def _unpack_verified(tar: Path, target: Path, trusted_keys: list[Path], *, requi
     """Unpack ``tar`` beside ``target``, verify the unpacked folder and only then put it at ``target`` (replacing
     whatever is there), so that nothing from a tar is ever written outside ``target``'s folder (the daemon's state
     directory) and after a power cut ``target`` is either complete and verified or absent: every file fsynced,
-    renamed into place, the folder fsynced. BundleError (verification's) leaves ``target`` as it was."""
+    renamed into place, the folder fsynced. The signature, manifest and member list are checked from the tar before
+    anything is written, so a tar that no trusted key signed costs no disk. BundleError (verification's) leaves
+    ``target`` as it was."""
+    verify_tar_manifest(tar, trusted_keys, require_signature=require_signature)
     target.parent.mkdir(parents=True, exist_ok=True)
     for orphan in remove_orphans(target.parent, _UNPACK_PREFIX):
         log.info("removed %s, a half-done unpack left by a crash or power cut", orphan)

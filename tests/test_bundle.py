@@ -29,6 +29,7 @@ from deploy.bundle import (
     sign_bundle,
     verify_bundle,
     verify_bundle_details,
+    verify_tar_manifest,
     write_bundle,
 )
 from deploy.manifest import (
@@ -255,6 +256,72 @@ def test_removed_file_is_named(bundle: Path, keys: tuple[Path, Path]) -> None:
     (bundle / "golden" / "maps.npy").unlink()
     with pytest.raises(BundleError, match=r"file golden/maps\.npy listed in the manifest is missing"):
         verify_bundle(bundle, [keys[1]])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("untrusted", r"signed by an untrusted key"),
+        ("unsigned", r"bundle is unsigned \(no signature file\)"),
+        ("grown", r"file golden/scores\.npy was changed: \d+ bytes, the manifest says"),
+        ("added", r"unexpected file engines/evil\.plan: not listed in the manifest"),
+        ("removed", r"file golden/maps\.npy listed in the manifest is missing"),
+    ],
+)
+def test_a_tar_is_judged_by_its_signed_manifest_before_anything_is_unpacked(
+    bundle: Path,
+    keys: tuple[Path, Path],
+    other_keys: tuple[Path, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    damage: str,
+    message: str,
+) -> None:
+    """A tar nobody trusted signed, or whose members are not the files its manifest lists at the sizes it lists, is
+    refused from its headers, manifest.json and signature alone: not one member is unpacked (the real unpacker is
+    watched, not replaced). A same-size change of contents is found by the sha256 check after unpacking."""
+    import deploy.bundle
+
+    if damage == "untrusted":
+        sign_bundle(bundle, other_keys[0])
+    elif damage == "unsigned":
+        (bundle / "signature").unlink()
+    elif damage == "grown":
+        (bundle / "golden" / "scores.npy").write_bytes((bundle / "golden" / "scores.npy").read_bytes() + b"x")
+    elif damage == "added":
+        (bundle / "engines").mkdir()
+        (bundle / "engines" / "evil.plan").write_bytes(b"\0" * 16)
+    else:
+        (bundle / "golden" / "maps.npy").unlink()
+    tar_path = tmp_path / "bundle.tar"
+    pack_tar(bundle, tar_path)
+    unpacked: list[Path] = []
+    real_extract = deploy.bundle.safe_extract
+
+    def watched_extract(tar: Path, dest: Path, **kwargs: int) -> None:
+        unpacked.append(dest)
+        real_extract(tar, dest, **kwargs)
+
+    monkeypatch.setattr(deploy.bundle, "safe_extract", watched_extract)
+    with pytest.raises(BundleError, match=message):
+        verify_tar_manifest(tar_path, [keys[1]])
+    with pytest.raises(BundleError, match=message):
+        verify_bundle(tar_path, [keys[1]])
+    assert unpacked == []
+
+
+def test_a_same_size_change_in_a_tar_is_found_after_unpacking(
+    bundle: Path, keys: tuple[Path, Path], tmp_path: Path
+) -> None:
+    path = bundle / "golden" / "scores.npy"
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    tar_path = tmp_path / "bundle.tar"
+    pack_tar(bundle, tar_path)
+    verify_tar_manifest(tar_path, [keys[1]])  # headers, manifest and signature are all as signed
+    with pytest.raises(BundleError, match=r"file golden/scores\.npy was changed: its sha256 does not match"):
+        verify_bundle(tar_path, [keys[1]])
 
 
 def test_symlink_in_bundle_folder_is_refused(bundle: Path, keys: tuple[Path, Path], tmp_path: Path) -> None:

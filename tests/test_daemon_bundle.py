@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from deploy.bundle import pack_tar
+import edge_daemon.model
+from deploy.bundle import pack_tar, sign_bundle
 from deploy.manifest import BundleError, sha256_file
+from deploy.signing import generate_keypair
 from edge_daemon.model import load_bundle
 from tests.conftest import SignedBundle
 
@@ -80,3 +82,34 @@ def test_half_done_unpacks_of_dead_processes_are_removed(
     alive.mkdir()
     loaded = load_bundle(bundle_tar, [signed_bottle_bundle.public_key], tmp_path / "state")
     assert sorted(p.name for p in bundles.iterdir()) == sorted([alive.name, loaded.sha])
+
+
+def test_a_tar_no_trusted_key_signed_is_refused_before_anything_is_unpacked(
+    bundle_tar: Path, signed_bottle_bundle: SignedBundle, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pushed tar signed by a stranger costs the device no disk: the signature is checked from the tar itself, and
+    the real unpacker (watched, not replaced) is never called."""
+    import shutil
+
+    folder = tmp_path / "stranger"
+    shutil.copytree(signed_bottle_bundle.path, folder)
+    stranger_private, _ = generate_keypair(tmp_path / "stranger-key")
+    sign_bundle(folder, stranger_private)
+    stranger_tar = tmp_path / "stranger.tar"
+    pack_tar(folder, stranger_tar)
+    unpacked: list[Path] = []
+    real_extract = edge_daemon.model.safe_extract
+
+    def watched_extract(tar: Path, dest: Path, **kwargs: int) -> None:
+        unpacked.append(dest)
+        real_extract(tar, dest, **kwargs)
+
+    monkeypatch.setattr(edge_daemon.model, "safe_extract", watched_extract)
+    state = tmp_path / "state"
+    with pytest.raises(BundleError, match="signed by an untrusted key"):
+        load_bundle(stranger_tar, [signed_bottle_bundle.public_key], state)
+    assert unpacked == []
+    assert not (state / "bundles").exists() or not any((state / "bundles").iterdir())
+    # the trusted key's tar of the same model goes through the same path and is unpacked once
+    loaded = load_bundle(bundle_tar, [signed_bottle_bundle.public_key], state)
+    assert len(unpacked) == 1 and (loaded.root / "model.onnx").is_file()
