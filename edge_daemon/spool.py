@@ -15,10 +15,13 @@ Row ids only grow (AUTOINCREMENT), even after every row was deleted: a sender ma
 up to id N was handed over" and never see a new row below N.
 
 A spool of ours that is damaged (a torn write on SD/eMMC after a power cut: its header unreadable, or
-``PRAGMA quick_check`` failing at open) is set aside as ``<name>.corrupt-<unix time>`` (with its -wal and -shm) and
-a new, empty spool is started, logged as an error: the daemon keeps running and spooling instead of refusing to
-start for ever, and the damaged file stays for whoever wants to recover from it. A file that is not ours (another
-application's database, any other file) is never touched: that stays a SpoolError.
+``PRAGMA quick_check`` failing at open, or SQLite reporting a malformed page while running) is set aside as
+``<name>.corrupt-<unix time>`` (with its -wal and -shm) and a new spool is started, logged as an error: every row
+that can still be read from the damaged file (walking the table from both ends, so one bad page loses only the rows
+on it) is copied into the new one with its id, and the operation that met the damage is run again. The daemon keeps
+running and spooling instead of refusing to start for ever or publishing without the outbox, row ids keep growing
+from the highest one handed out, and the damaged file stays for whoever wants to recover more from it. A file that
+is not ours (another application's database, any other file) is never touched: that stays a SpoolError.
 """
 
 from __future__ import annotations
@@ -27,9 +30,10 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 __all__ = ["KINDS", "SpoolError", "SpooledMessage", "Spool"]
 
@@ -41,6 +45,8 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 # database is refused instead of having tables added to it.
 APPLICATION_ID = 0x45445350
 SCHEMA_VERSION = 1
+_COLUMNS = "id, topic, payload, kind, qos, created, attempts, size"
+_T = TypeVar("_T")
 
 _SCHEMA = """
 CREATE TABLE outbox (
@@ -107,7 +113,9 @@ class Spool:
         self._count = 0
         self._bytes = 0
         self._conn: sqlite3.Connection | None = None
-        self.set_aside: Path | None = None  # where a damaged spool of ours was moved at this open, if one was
+        self._sync = sync
+        self._highest_id = 0  # the highest row id handed out by this object: a replacement spool continues above it
+        self.set_aside: Path | None = None  # where a damaged spool of ours was last moved, if one was
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -117,19 +125,60 @@ class Spool:
         try:
             self._open(sync)
         except _Damaged as damage:
-            self.set_aside = self._set_aside()
-            log.error(
-                "spool %s is damaged (%s): set aside as %s; starting a new, empty spool (the messages in the damaged "
-                "one are not sent)",
-                self.path,
-                damage,
-                self.set_aside.name,
-            )
+            self._replace_damaged(str(damage))
+
+    def _replace_damaged(self, why: str) -> None:
+        """Set the damaged file aside, open a new spool in its place holding every row still readable from it, with
+        ids continuing above the highest handed out. SpoolError when that fails too."""
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self.set_aside = self._set_aside()
+        rows = _salvage(self.set_aside)
+        try:
+            self._open(self._sync)
+        except _Damaged as again:
+            raise SpoolError(f"spool {self.path}: a new spool is damaged too ({again}); is the disk failing?") from None
+        conn = self._db()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(f"INSERT INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            highest = max([self._highest_id, *(r[0] for r in rows)])
+            if highest and not rows:
+                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (highest,))
+            elif highest:
+                conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (highest,))
+            conn.execute("COMMIT")
+        except sqlite3.Error as e:
+            raise self._fail("copying the readable rows of the damaged spool", e) from e
+        self._reload_counts()
+        log.error(
+            "spool %s is damaged (%s): set aside as %s; a new spool serves with the %d message(s) that could still be "
+            "read from it (%d bytes)",
+            self.path,
+            why,
+            self.set_aside.name,
+            self._count,
+            self._bytes,
+        )
+
+    def _guarded(self, what: str, body: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run ``body`` on the connection under the lock. A failure rolls back and resynchronises the counters
+        (SpoolError naming ``what``); damage found on the way replaces the file (``_replace_damaged``) and runs
+        ``body`` once more on the new spool."""
+        with self._lock:
             try:
-                self._open(sync)
-            except _Damaged as again:
-                why = f"a new spool is damaged too ({again}); is the disk failing?"
-                raise SpoolError(f"spool {self.path}: {why}") from None
+                return body(self._db())
+            except sqlite3.Error as e:
+                error = self._fail(what, e)
+                if not (isinstance(e, sqlite3.DatabaseError) and _is_corruption(e)):
+                    raise error from e
+                damage = str(e)
+            self._replace_damaged(damage)
+            try:
+                return body(self._db())
+            except sqlite3.Error as e:
+                raise self._fail(what, e) from e
 
     def _open(self, sync: str) -> None:
         """Connect and set up; SpoolError (unusable, not ours) or _Damaged (ours, damaged), the connection closed."""
@@ -210,6 +259,8 @@ class Spool:
             conn.execute("ROLLBACK")
             raise
         self._reload_counts()
+        seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        self._highest_id = max(self._highest_id, int(seq[0]) if seq else 0)
 
     def _db(self) -> sqlite3.Connection:
         if self._conn is None:
@@ -253,36 +304,33 @@ class Spool:
             raise ValueError(f"MQTT QoS must be 0, 1 or 2, got {qos!r}")
         data = bytes(payload)
         size = len(data)
-        with self._lock:
-            conn = self._db()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                evict = self._plan_eviction(size, kind)
-                if evict is None:
-                    self._bump_meta(f"dropped_{kind}s", 1)
-                    conn.execute("COMMIT")
-                    log.warning(
-                        "spool full: dropped a new %s of %d bytes on %s (max %d bytes, %d bytes of events stored)",
-                        kind,
-                        size,
-                        topic,
-                        self.max_bytes,
-                        self._bytes,
-                    )
-                    return 0
-                freed = 0
-                for kind_dropped, ids_sizes in evict.items():
-                    if ids_sizes:
-                        conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in ids_sizes])
-                        self._bump_meta(f"dropped_{kind_dropped}s", len(ids_sizes))
-                        freed += sum(s for _, s in ids_sizes)
-                cur = conn.execute(
-                    "INSERT INTO outbox (topic, payload, kind, qos, created, size) VALUES (?, ?, ?, ?, ?, ?)",
-                    (topic, data, kind, qos, time.time(), size),
-                )
+
+        def store(conn: sqlite3.Connection) -> int:
+            conn.execute("BEGIN IMMEDIATE")
+            evict = self._plan_eviction(size, kind)
+            if evict is None:
+                self._bump_meta(f"dropped_{kind}s", 1)
                 conn.execute("COMMIT")
-            except sqlite3.Error as e:
-                raise self._fail("put", e) from e
+                log.warning(
+                    "spool full: dropped a new %s of %d bytes on %s (max %d bytes, %d bytes of events stored)",
+                    kind,
+                    size,
+                    topic,
+                    self.max_bytes,
+                    self._bytes,
+                )
+                return 0
+            freed = 0
+            for kind_dropped, ids_sizes in evict.items():
+                if ids_sizes:
+                    conn.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i, _ in ids_sizes])
+                    self._bump_meta(f"dropped_{kind_dropped}s", len(ids_sizes))
+                    freed += sum(s for _, s in ids_sizes)
+            cur = conn.execute(
+                "INSERT INTO outbox (topic, payload, kind, qos, created, size) VALUES (?, ?, ?, ?, ?, ?)",
+                (topic, data, kind, qos, time.time(), size),
+            )
+            conn.execute("COMMIT")
             n_evicted = sum(len(v) for v in evict.values())
             self._count += 1 - n_evicted
             self._bytes += size - freed
@@ -295,7 +343,10 @@ class Spool:
                 )
             row_id = cur.lastrowid
             assert row_id is not None
+            self._highest_id = max(self._highest_id, int(row_id))
             return int(row_id)
+
+        return self._guarded("put", store)
 
     def _plan_eviction(self, size: int, kind: str) -> dict[str, list[tuple[int, int]]] | None:
         """Rows to delete, oldest crops first, so that ``size`` more bytes fit; None: drop the new message."""
@@ -318,19 +369,13 @@ class Spool:
 
     def pending(self, after_id: int = 0, limit: int = 100) -> list[SpooledMessage]:
         """Up to ``limit`` stored messages with id > ``after_id``, in id order (the publishing order)."""
-        with self._lock:
-            try:
-                rows = (
-                    self._db()
-                    .execute(
-                        "SELECT id, topic, payload, kind, qos, created, attempts FROM outbox "
-                        "WHERE id > ? ORDER BY id LIMIT ?",
-                        (int(after_id), int(limit)),
-                    )
-                    .fetchall()
-                )
-            except sqlite3.Error as e:
-                raise self._fail("read", e) from e
+        rows = self._guarded(
+            "read",
+            lambda conn: conn.execute(
+                "SELECT id, topic, payload, kind, qos, created, attempts FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+                (int(after_id), int(limit)),
+            ).fetchall(),
+        )
         return [SpooledMessage(int(r[0]), r[1], bytes(r[2]), r[3], int(r[4]), float(r[5]), int(r[6])) for r in rows]
 
     def mark_attempted(self, ids: Iterable[int]) -> None:
@@ -338,14 +383,13 @@ class Spool:
         params = [(int(i),) for i in ids]
         if not params:
             return
-        with self._lock:
-            conn = self._db()
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                conn.executemany("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", params)
-                conn.execute("COMMIT")
-            except sqlite3.Error as e:
-                raise self._fail("mark_attempted", e) from e
+
+        def mark(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany("UPDATE outbox SET attempts = attempts + 1 WHERE id = ?", params)
+            conn.execute("COMMIT")
+
+        self._guarded("mark_attempted", mark)
 
     def ack(self, row_id: int) -> None:
         """Delete one acknowledged row; a row that is already gone (dropped, acked twice) is ignored."""
@@ -356,30 +400,27 @@ class Spool:
         wanted = [int(i) for i in ids]
         if not wanted:
             return
-        with self._lock:
-            conn = self._db()
+
+        def delete(conn: sqlite3.Connection) -> None:
             removed = freed = 0
-            try:
-                conn.execute("BEGIN IMMEDIATE")
-                for row_id in wanted:
-                    row = conn.execute("SELECT size FROM outbox WHERE id = ?", (row_id,)).fetchone()
-                    if row is not None:
-                        conn.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
-                        removed += 1
-                        freed += int(row[0])
-                conn.execute("COMMIT")
-            except sqlite3.Error as e:
-                raise self._fail("ack", e) from e
+            conn.execute("BEGIN IMMEDIATE")
+            for row_id in wanted:
+                row = conn.execute("SELECT size FROM outbox WHERE id = ?", (row_id,)).fetchone()
+                if row is not None:
+                    conn.execute("DELETE FROM outbox WHERE id = ?", (row_id,))
+                    removed += 1
+                    freed += int(row[0])
+            conn.execute("COMMIT")
             self._count -= removed
             self._bytes -= freed
 
+        self._guarded("ack", delete)
+
     def last_id(self) -> int:
         """The highest row id ever assigned (0 for a new spool), whether or not that row still exists."""
-        with self._lock:
-            try:
-                row = self._db().execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-            except sqlite3.Error as e:
-                raise self._fail("read", e) from e
+        row = self._guarded(
+            "read", lambda conn: conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        )
         return int(row[0]) if row else 0
 
     def depth(self) -> tuple[int, int]:
@@ -390,13 +431,14 @@ class Spool:
     @property
     def dropped(self) -> dict[str, int]:
         """Messages dropped because the spool was full, since the file was created: {"crops": n, "events": n}."""
-        with self._lock:
-            try:
-                rows = dict(
-                    self._db().execute("SELECT key, value FROM meta WHERE key IN ('dropped_crops', 'dropped_events')")
-                )
-            except sqlite3.Error as e:
-                raise self._fail("read", e) from e
+        rows = dict(
+            self._guarded(
+                "read",
+                lambda conn: conn.execute(
+                    "SELECT key, value FROM meta WHERE key IN ('dropped_crops', 'dropped_events')"
+                ).fetchall(),
+            )
+        )
         return {"crops": int(rows.get("dropped_crops", 0)), "events": int(rows.get("dropped_events", 0))}
 
     def close(self) -> None:
@@ -416,3 +458,25 @@ class Spool:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _salvage(damaged: Path) -> list[tuple[int, str, bytes, str, int, float, int, int]]:
+    """Every outbox row that can still be read from a damaged spool file (opened read-only, never changed), in id
+    order. The table is walked from the lowest id up and from the highest down, each until the first unreadable
+    page, so one bad page loses only the rows on it and after it in one direction; empty when nothing can be read."""
+    found: dict[int, tuple[int, str, bytes, str, int, float, int, int]] = {}
+    try:
+        conn = sqlite3.connect(f"{damaged.resolve().as_uri()}?mode=ro", uri=True, timeout=1.0)
+    except sqlite3.Error:
+        return []
+    try:
+        for order in ("ASC", "DESC"):
+            try:
+                for r in conn.execute(f"SELECT {_COLUMNS} FROM outbox ORDER BY id {order}"):
+                    if r[3] in KINDS and isinstance(r[2], bytes) and isinstance(r[1], str):
+                        found[int(r[0])] = (int(r[0]), r[1], r[2], r[3], int(r[4]), float(r[5]), int(r[6]), len(r[2]))
+            except (sqlite3.Error, TypeError, ValueError):
+                continue
+    finally:
+        conn.close()
+    return [found[i] for i in sorted(found)]

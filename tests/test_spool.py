@@ -194,3 +194,38 @@ def test_a_damaged_spool_of_ours_is_set_aside_and_a_new_one_serves(tmp_path: Pat
             assert [m.id for m in spool.pending()] == [row]
         with Spool(path, 10_000_000) as spool:  # the new one is sound
             assert spool.set_aside is None and spool.depth() == (1, 2)
+
+
+def test_damage_found_while_running_keeps_every_readable_message(tmp_path: Path) -> None:
+    """Pages torn under a running daemon (a flash cell failing, a torn write of another process): SQLite reports
+    'malformed' at the next read. The spool used to raise on every call from then on, so events went out without the
+    outbox and were lost while the broker was away. Now the file is set aside, the rows still readable move to a new
+    spool with their ids, the call is answered, and new ids continue above the old ones."""
+    import os
+
+    path = tmp_path / "spool.db"
+    payloads = {}
+    with Spool(path, 100_000_000) as spool:
+        for i in range(2000):  # ~6 MB: more than SQLite's page cache, so the reads below go to the file
+            payloads[spool.put(f"p/cam0/events/{i}", os.urandom(3000), "event")] = i
+        with sqlite3.connect(path) as other:
+            other.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            page = other.execute("PRAGMA page_size").fetchone()[0]
+        middle = path.stat().st_size // page // 2
+        with open(path, "r+b") as f:  # in place: the spool's open file sees it
+            for n in range(middle, middle + 3):
+                f.seek(n * page)
+                f.write(b"\xff" * 64)
+        rows = spool.pending(limit=5000)
+        assert spool.set_aside is not None and spool.set_aside.name.startswith("spool.db.corrupt-")
+        assert spool.set_aside.is_file()
+        # three bad pages hold a handful of rows; everything on either side of them is kept, ids and bytes unchanged
+        assert 1990 <= len(rows) < 2000
+        assert all(payloads[m.id] == int(m.topic.rsplit("/", 1)[1]) for m in rows)
+        assert spool.depth() == (len(rows), 3000 * len(rows))
+        new = spool.put("p/cam0/events/new", b"{}", "event")
+        assert new > max(payloads)
+        spool.ack_many([m.id for m in rows])
+        assert [m.id for m in spool.pending()] == [new]
+    with Spool(path, 100_000_000) as spool:  # the new file is sound and remembers its ids
+        assert spool.set_aside is None and spool.last_id() == new and spool.depth() == (1, 2)
