@@ -13,7 +13,7 @@ State machine (per camera, ``normalized >= threshold`` means anomalous):
   ("end", reason "normal"); an event older than ``max_seconds`` ends with "max_length" (a new one may open
   after ``open_frames`` again). When the peak rose since the last message and ``update_interval_s`` has
   passed, a new crop of the peak frame and an "update" are sent.
-* :meth:`EventTracker.close` ends an open event with a reason (camera_lost, model_swap, shutdown).
+* :meth:`EventTracker.close` ends an open event with a reason (camera_lost, scoring_failed, model_swap, shutdown).
 
 Times: ``wall`` (seconds since the epoch) is what messages report; ``mono`` (a monotonic clock, seconds) is
 what durations, gaps and intervals are measured on, so a wall-clock step never splits or stretches an event.
@@ -37,7 +37,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 # "restart": ended at the next start after a crash or power cut left it open (edge_daemon.open_events)
-EndReason = Literal["normal", "max_length", "camera_lost", "source_ended", "model_swap", "shutdown", "restart"]
+EndReason = Literal[
+    "normal", "max_length", "camera_lost", "source_ended", "scoring_failed", "model_swap", "shutdown", "restart"
+]
 _END_REASONS: frozenset[str] = frozenset(get_args(EndReason))
 _TOPIC_SAFE = re.compile(r"^[A-Za-z0-9_-]+$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)

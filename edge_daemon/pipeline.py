@@ -12,7 +12,9 @@ Read ``Pipeline.step`` top to bottom: it is everything that happens to a frame.
 
 Between two batches, and only there, the pipeline applies a requested backend/model swap (open events are
 closed with reason "model_swap" first, so no event mixes two models) and closes the events of cameras that went
-offline (reason "camera_lost"). The pipeline runs on one thread; other threads talk to it only through
+offline (reason "camera_lost") and of cameras whose frames keep arriving but have failed to be scored for
+``failing_end_s`` (reason "scoring_failed": a backend that keeps failing, an roi outside the frame), since nobody
+can say whether such an event is still going on. The pipeline runs on one thread; other threads talk to it only through
 ``set_threshold``, ``request_swap`` and the read-only counters.
 """
 
@@ -36,6 +38,7 @@ from edge_daemon.model import LoadedBundle
 log = logging.getLogger("edge_daemon.pipeline")
 LATENCY_WINDOW = 2048  # frames kept per camera for the latency percentiles
 DEFAULT_THRESHOLD = 0.5  # the calibrated threshold, in normalised units
+FAILING_S = 10.0  # seconds of frames arriving and none scored: the camera's open event ends, /healthz says failing
 
 
 @dataclass
@@ -107,7 +110,12 @@ class Pipeline:
         bundle: LoadedBundle,
         send: Callable[[Outgoing], None],
         frame_ready: threading.Event,
+        *,
+        failing_end_s: float = FAILING_S,
     ) -> None:
+        """``failing_end_s``: seconds for which a camera's frames may fail to be scored before its open event ends
+        with reason "scoring_failed"."""
+        self.failing_end_s = failing_end_s
         self.lanes = {lane.camera_id: lane for lane in lanes}
         self.backend = backend
         self.bundle = bundle
@@ -153,7 +161,9 @@ class Pipeline:
         """One batch: every camera's newest frame (if it has a new one). Returns the number of frames scored."""
         self._apply_swap()
         self._close_lost_cameras()
-        return self._score_latest()
+        scored = self._score_latest()
+        self._close_failing_cameras()
+        return scored
 
     def drain(self) -> int:
         """Score the frames left in the slots once the cameras are stopped (shutdown); returns how many.
@@ -183,6 +193,7 @@ class Pipeline:
                 problem = roi_fit_problem(lane.roi, frame.image.shape[:2])
                 if problem is not None:
                     log.warning("camera %s: %s", lane.camera_id, problem)
+                lane.camera.report_problem("roi" if problem else None, problem)
             try:
                 inputs.append(preprocess(cut_roi(frame.image, lane.roi), spec))
                 kept.append((lane, frame))
@@ -250,6 +261,21 @@ class Pipeline:
             if state in ("offline", "ended"):
                 reason: EndReason = "camera_lost" if state == "offline" else "source_ended"
                 for message in lane.tracker.close(reason, wall=time.time(), mono=time.monotonic()):
+                    self.send(message)
+
+    def _close_failing_cameras(self) -> None:
+        """End the open event of a camera whose frames have all failed to be scored for ``failing_end_s``."""
+        now = time.monotonic()
+        for lane in self.lanes.values():
+            failing = lane.failing_for(now)
+            if failing is not None and failing >= self.failing_end_s and lane.tracker.is_open:
+                log.warning(
+                    "camera %s: no frame scored for %.0f s (%s): its open event ends",
+                    lane.camera_id,
+                    failing,
+                    lane.failure,
+                )
+                for message in lane.tracker.close("scoring_failed", wall=time.time(), mono=now):
                     self.send(message)
 
     def close_all(self, reason: EndReason) -> None:

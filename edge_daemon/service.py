@@ -45,7 +45,7 @@ from edge_daemon.model import LoadedBundle, load_bundle
 from edge_daemon.mqtt import MqttLink, MqttSettings
 from edge_daemon.notify import Notifier
 from edge_daemon.open_events import OpenEventLog
-from edge_daemon.pipeline import DEFAULT_THRESHOLD, CameraLane, Pipeline, PipelinePool, percentile_ms
+from edge_daemon.pipeline import DEFAULT_THRESHOLD, FAILING_S, CameraLane, Pipeline, PipelinePool, percentile_ms
 from edge_daemon.spool import Spool
 from edge_daemon.updater import Probe, Updater
 
@@ -639,7 +639,7 @@ class Daemon:
         if self.pipeline is not None:
             for cam_id, lane in self.pipeline.lanes.items():
                 stuck = lane.failing_for(now)
-                if stuck is not None and stuck >= STALL_S:  # not the watchdog's business: a restart would not help
+                if stuck is not None and stuck >= FAILING_S:  # not the watchdog's business: a restart would not help
                     failing = True
                     problems.append(f"camera {cam_id}: no frame scored for {stuck:.0f} s: {lane.failure}")
         for cam_id, camera in self.cameras.items():

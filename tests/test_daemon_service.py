@@ -183,6 +183,11 @@ def test_health_fails_while_no_frame_can_be_scored_and_an_ended_worker_is_no_sta
             problems
         )
         assert not any("no progress" in p for p in problems), problems  # cam1's worker ended: not a stall
+        with Subscriber(broker.port, [f"{PREFIX}/cam0/status"]) as sub:  # the plant's side is told too, retained
+            status = sub.wait_for(lambda ms: bool(ms), 10, "cam0's retained status")[-1]
+        assert json.loads(status.payload)["state"] == "degraded", status.payload
+        assert json.loads(status.payload)["reason"] == "roi", status.payload
+        assert "lies outside the" in json.loads(status.payload)["detail"], status.payload
         assert "on 2 worker(s)" in daemon.text() and daemon.alive()
         # said once in the log (per frame size), counted on /metrics
         warning = "camera cam0: roi (5000, 5000, 64, 64) lies outside the"
@@ -333,3 +338,49 @@ def test_the_health_server_binds_an_ipv6_address() -> None:
             assert r.status == 200 and json.loads(r.read()) == {"ok": True}
     finally:
         server.stop()
+
+
+def test_an_event_whose_frames_stop_being_scored_ends_and_the_camera_says_why(
+    signed_bottle_bundle: SignedBundle, line: LineVideo, tmp_path: Path
+) -> None:
+    """Frames keep coming but none can be scored (here an roi that no longer fits them; a backend that keeps failing
+    takes the same path): after ``failing_end_s`` the open event ends with reason "scoring_failed" (it used to stay
+    open until scoring came back, for ever if it never did), and the camera is degraded with reason "roi" until the
+    roi fits again. A real camera on the line video and a real ONNX Runtime session."""
+    import threading
+
+    from edge_daemon.backends.onnxruntime import open_onnxruntime
+    from edge_daemon.capture.camera import Camera
+    from edge_daemon.events import CropTuning, EventTracker, EventTuning
+    from edge_daemon.model import load_bundle
+    from edge_daemon.pipeline import CameraLane, Pipeline
+
+    bundle = load_bundle(signed_bottle_bundle.path, [signed_bottle_bundle.public_key], tmp_path / "state")
+    ready = threading.Event()
+    camera = Camera("cam0", str(line.video), loop=True, realtime=True, roi=line.roi, frame_ready=ready)
+    tracker = EventTracker("cam0", "dev", EventTuning(), CropTuning())
+    lane = CameraLane(camera, tracker, roi=line.roi, threshold=1e-6)  # every frame is anomalous: an event opens
+    sent: list[dict[str, object]] = []
+    backend = open_onnxruntime(bundle, max_batch=1, cache_dir=None)
+    pipeline = Pipeline(
+        [lane],
+        backend,
+        bundle,
+        lambda m: sent.append(json.loads(m.payload)) if m.kind == "event" else None,
+        ready,
+        failing_end_s=1.0,
+    )
+    camera.start()
+    try:
+        wait_until(lambda: pipeline.step() >= 0 and tracker.is_open, 60, "an event opened")
+        event_id = tracker.current_event_id
+        lane.roi, lane.roi_checked_for = (5000, 5000, 64, 64), None  # the camera now gives frames the roi misses
+        wait_until(lambda: pipeline.step() >= 0 and not tracker.is_open, 30, "the event ended")
+        end = [m for m in sent if m["event_id"] == event_id and m["type"] == "end"]
+        assert len(end) == 1 and end[0]["reason"] == "scoring_failed", end
+        wait_until(lambda: pipeline.step() >= 0 and camera.status.state == "degraded", 10, "camera degraded")
+        assert camera.status.reason == "roi" and "lies outside the" in str(camera.status.detail)
+        lane.roi, lane.roi_checked_for = line.roi, None  # fixed: scored again, online again
+        wait_until(lambda: pipeline.step() >= 0 and camera.status.state == "online", 10, "camera online")
+    finally:
+        camera.stop()

@@ -72,7 +72,8 @@ class CameraStatus:
 
     Reasons: offline -> ``open_failed``, ``no_frames`` (opened, but not one frame came), ``read_failed``
     (frames stopped), ``error`` (an unexpected exception, in detail), ``stopped``; degraded ->
-    ``black``, ``saturated``, ``frozen``, ``low_fps`` (capture.health); ended -> ``end_of_file``.
+    ``black``, ``saturated``, ``frozen``, ``low_fps`` (capture.health), ``roi`` (the scorer's: the configured roi
+    does not fit the frames, ``Camera.report_problem``); ended -> ``end_of_file``.
     """
 
     state: CameraState
@@ -194,6 +195,7 @@ class Camera:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._status = CameraStatus("starting", None, None, time.time())
+        self._problem: tuple[str, str] | None = None  # (reason, detail) reported by the scorer
         self._lock = threading.Lock()  # guards the counters and _times read by stats()
         self._times: deque[float] = deque()
         self._seq = 0
@@ -207,6 +209,12 @@ class Camera:
     def status(self) -> CameraStatus:
         """The current status (replaced atomically by the camera thread)."""
         return self._status
+
+    def report_problem(self, reason: str | None, detail: str | None = None) -> None:
+        """Make the camera ``degraded`` with ``reason`` (a code) and ``detail`` (one line) for a problem found after
+        capture, such as an roi that does not fit the frames; None clears it. It shows from the next frame read, after
+        the image's own health reasons (black, frozen, ...), and lasts until cleared. Any thread."""
+        self._problem = (reason, detail or reason) if reason else None
 
     @property
     def ended(self) -> bool:
@@ -402,7 +410,10 @@ class Camera:
                 if len(self._times) > 4096:
                     self._times.popleft()
             reason = self._health.observe(image, t)
-            if reason is None:
+            problem = self._problem
+            if reason is None and problem is not None:
+                self._set_status("degraded", *problem)
+            elif reason is None:
                 self._set_status("online")
             elif reason != self._status.reason:
                 self._set_status("degraded", reason, self._degraded_detail(reason))
