@@ -564,13 +564,9 @@ class Daemon:
             c.model_dump(exclude={"threshold"}) for c in self.config.cameras
         ]:
             needs_restart.append("cameras")
-        if new.events != self.config.events or new.crop != self.config.crop:
-            needs_restart.append("events/crop")
+        needs_restart += [key for key in ("events", "crop") if getattr(new, key) != getattr(self.config, key)]
         # What needs a restart keeps its running value here, so that the next reload still sees it differ.
-        kept = [k for k in needs_restart if k != "events/crop"] + (
-            ["events", "crop"] if "events/crop" in needs_restart else []
-        )
-        self.config = new.model_copy(update={k: getattr(self.config, k) for k in kept})
+        self.config = new.model_copy(update={k: getattr(self.config, k) for k in needs_restart})
         if self.updater is not None:
             self.updater.config = self.config  # updates.* and allow_downgrade apply to the next request
         log.info(
