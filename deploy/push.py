@@ -32,9 +32,10 @@ What ``push`` does:
    ``downloading``, since the server stops when push returns), or at ``timeout``.
 
 Exit codes of the CLI (``PushReport.exit_code``, ``PushError.code``): 0 every device active (``wait``) or
-acknowledged (no ``wait``); 1 some device failed, refused, rolled back or timed out; 2 bad input, and then
-nothing was sent to any device (missing/unsigned/broken bundle, bad or unreachable broker address, bad
-credentials, no matching online device).
+acknowledged (no ``wait``); 1 some device failed, refused, rolled back or timed out, or a device matching the glob
+was skipped (not online: it still runs the old model); 2 bad input, and then nothing was sent to any device
+(missing/unsigned/broken bundle, bad or unreachable broker address, bad credentials, no matching online device, a
+device id with no status under the prefix). A device that already serves the bundle answers ``active``.
 
 paho-mqtt (the ``daemon`` extra) and rich (installed with typer) are imported only when needed, with a clear
 error when missing. Python 3.10 compatible; never imports torch or edge_daemon.
@@ -611,12 +612,20 @@ class _Link:
         if not event.wait(_MQTT_TIMEOUT_S):
             raise PushError(f"the broker did not acknowledge the subscription to {', '.join(filters)}", 1)
 
-    def publish(self, topic: str, payload: bytes) -> bool:
-        """QoS 1, not retained; True once the broker acknowledged it (PUBACK) within the MQTT timeout."""
-        info = self._client.publish(topic, payload, qos=1, retain=False)
-        with contextlib.suppress(RuntimeError, ValueError):
-            info.wait_for_publish(_MQTT_TIMEOUT_S)
-        return bool(info.is_published())
+    def publish(self, topic: str, payload: bytes) -> Any:
+        """QoS 1, not retained; returns paho's message info for ``acknowledged``. While the connection is down paho
+        keeps the message and sends it after the reconnect."""
+        return self._client.publish(topic, payload, qos=1, retain=False)
+
+    @staticmethod
+    def acknowledged(info: Any, deadline: float) -> bool:
+        """Whether the broker acknowledged (PUBACK) the message of ``info`` by ``deadline`` (time.monotonic())."""
+        with contextlib.suppress(RuntimeError, ValueError):  # paho raises these while the connection is down
+            info.wait_for_publish(max(0.0, deadline - time.monotonic()))
+        try:
+            return bool(info.is_published())
+        except (RuntimeError, ValueError):
+            return False
 
     def local_address(self) -> str | None:
         """This machine's address on the socket that reaches the broker (what devices most likely reach too)."""
@@ -737,8 +746,8 @@ class PushReport:
 
     @property
     def ok(self) -> bool:
-        """Every targeted device active (``wait``) or acknowledged (no ``wait``)."""
-        return bool(self.devices) and all(self.device_ok(r) for r in self.devices)
+        """Every targeted device active (``wait``) or acknowledged (no ``wait``), and no matching device skipped."""
+        return bool(self.devices) and all(self.device_ok(r) for r in self.devices) and not self.skipped
 
     @property
     def exit_code(self) -> int:
@@ -907,6 +916,13 @@ def push(
             with link.cond:  # retained statuses follow the SUBACK; do not wait longer than needed
                 while not all(d in link.statuses for d in targets) and time.monotonic() < deadline:
                     link.cond.wait(max(0.0, deadline - time.monotonic()))
+                unknown = [d for d in targets if d not in link.statuses]
+            if unknown:  # every daemon that ever connected has a retained status: the command would go nowhere
+                raise PushError(
+                    f"no status seen for {', '.join(unknown)} under {topic_prefix}/<device>/status within "
+                    f"{settle_s:g} s: a wrong device id or --topic-prefix, a device that never connected, or no read "
+                    "access to its topics; nothing was sent"
+                )
         else:
             found = _discover(link, pattern, settle_s)
             if not found.online:
@@ -948,7 +964,8 @@ def push(
         if on_start is not None:
             on_start(info, the_url, list(targets), dict(skipped))
 
-        for r in results:
+        published = []  # every command goes out first, then the PUBACKs are awaited together: one slow broker
+        for r in results:  # round trip, not one per device
             with link.cond:
                 r.status = link.statuses.get(r.device)
             if r.status in ("offline", "stopped"):
@@ -957,9 +974,12 @@ def push(
             command = {"request_id": r.request_id, "url": the_url, "sha256": info.sha256, "version": info.version}
             with link.cond:
                 r.sent_at = time.monotonic()
-            if not link.publish(f"{topic_prefix}/{r.device}/model/set", json.dumps(command).encode()):
-                with link.cond:
-                    r.outcome, r.reason = NOT_SENT, "the broker did not acknowledge the command (no PUBACK)"
+            published.append((r, link.publish(f"{topic_prefix}/{r.device}/model/set", json.dumps(command).encode())))
+        puback_deadline = time.monotonic() + _MQTT_TIMEOUT_S
+        for r, message in published:
+            if not link.acknowledged(message, puback_deadline):  # lost connection, stalled broker: paho resends it,
+                with link.cond:  # and the device may still answer, so it is followed until the timeout
+                    r.reason = r.reason or "the broker has not acknowledged the command (no PUBACK)"
 
         next_progress, reported = 0.0, -1
         while True:
@@ -971,7 +991,7 @@ def push(
                         r.outcome = TIMED_OUT
                         r.elapsed_s = now - r.sent_at
                         r.reason = (
-                            f"no answer within {timeout:g} s"
+                            f"no answer within {timeout:g} s" + (f"; {r.reason}" if r.reason else "")
                             if r.phase is None
                             else f"still {r.phase} after {timeout:g} s" + (f"; {r.reason}" if r.reason else "")
                         )

@@ -68,6 +68,11 @@ class Refused(Exception):
     """A request that cannot go on; the message is the reason published with phase "refused"."""
 
 
+class AlreadyActive(Exception):
+    """The requested bundle is the one serving: nothing to do, and the request ends "active" with this message as its
+    reason, so that a fleet push retried after a partial failure succeeds on the devices that already switched."""
+
+
 @dataclass
 class Probe:
     """Cumulative counters of the serving pipeline, read at the switch and during probation."""
@@ -364,7 +369,11 @@ class Updater:
         try:
             bundle, backends = self._prepare(rid, cmd, target)
         except Exception as exc:  # a bug must end this request too, or "pending" would refuse every later one
-            if isinstance(exc, Refused):
+            phase = "refused"
+            if isinstance(exc, AlreadyActive):
+                phase, reason = "active", str(exc)
+                log.info("update %s: %s", rid, exc)
+            elif isinstance(exc, Refused):
                 reason = str(exc)
                 log.warning("update %s refused: %s", rid, exc)
             else:
@@ -372,9 +381,9 @@ class Updater:
                 log.exception("update %s failed", rid)
             with self._lock:
                 self.state["pending"] = None
-                self._record(rid, "refused", reason, target)
+                self._record(rid, phase, reason, target)
                 self._prune_disk()  # the refused bundle, if it was unpacked, and its engine
-                self._publish(rid, "refused", reason, target)
+                self._publish(rid, phase, reason, target)
             return
         self._begin_probation(rid, bundle, backends, target)
 
@@ -425,7 +434,7 @@ class Updater:
             raise Refused(f"the command says version {cmd.version!r} but the bundle is {bundle.version!r}")
         serving = self.host.serving_bundle()
         if bundle.sha == serving.sha:
-            raise Refused(f"{bundle.name} {bundle.version} (sha {bundle.sha[:12]}) is already active")
+            raise AlreadyActive(f"{bundle.name} {bundle.version} (sha {bundle.sha[:12]}) is already active")
         if bundle.manifest.created < serving.manifest.created and not self.config.allow_downgrade:
             raise Refused(
                 f"downgrade refused: {bundle.version} was made {bundle.manifest.created}, before the active "

@@ -486,3 +486,50 @@ def test_cli_exit_codes(
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 3 and len(lines) == 1, done.stderr
     assert lines[0].startswith("error: edge-deploy push needs paho-mqtt 2: pip install 'edge-inspect[push]'")
+
+
+def test_a_glob_push_with_a_matching_device_offline_is_not_a_success(
+    broker: Broker, device_factory: Any, bundle_tar: Path
+) -> None:
+    """README: push exits 0 only when every device reports active. A device the glob matched but that was offline
+    keeps its old model: the push must say so with exit 1 (it said 0 and listed it as skipped)."""
+    device_factory("line5-a", "ok")
+    publish(broker.port, f"{PREFIX}/line5-b/status", b"offline", retain=True)
+    report = push(bundle_tar, "line5-*", settings(broker), wait=True, timeout=60, serve="127.0.0.1:0", settle_s=1.0)
+    assert [r.outcome for r in report.devices] == ["active"]
+    assert report.skipped == {"line5-b": "offline"}
+    assert report.exit_code == 1 and not report.ok and report.to_json()["ok"] is False
+
+
+def test_a_device_id_with_no_status_is_bad_input(broker: Broker, bundle_tar: Path) -> None:
+    """A typo'd id, a wrong --topic-prefix or no read access: no status was ever seen, so the command would go
+    nowhere. It is refused at once, nothing sent (it used to wait the whole --timeout, 600 s by default)."""
+    with Subscriber(broker.port, f"{PREFIX}/+/model/set") as sub:
+        started = time.monotonic()
+        with pytest.raises(PushError, match=r"no status seen for line3-typo under inspect/<device>/status") as exc:
+            push(bundle_tar, ["line3-typo"], settings(broker), wait=True, timeout=600, settle_s=0.5)
+        assert exc.value.code == 2 and time.monotonic() - started < 30
+        publish(broker.port, f"{PREFIX}/sentinel/model/set", b"{}")
+        sub.wait_for(lambda ms: any("sentinel" in m.topic for m in ms), what="the sentinel")
+        assert [m.topic for m in sub.messages] == [f"{PREFIX}/sentinel/model/set"]
+
+
+def test_a_broker_lost_just_as_the_command_goes_out_is_no_traceback(
+    broker: Broker, device_factory: Any, bundle_tar: Path
+) -> None:
+    """The broker dies between discovery and the publish (it used to end push with paho's RuntimeError 'The client
+    is not currently connected' and no report). Paho keeps the command and sends it after the reconnect; the device
+    is followed until the timeout, and the report says what happened."""
+    device_factory("line6-a", "ok")
+    report = push(
+        bundle_tar,
+        ["line6-a"],
+        settings(broker),
+        wait=True,
+        timeout=20,
+        serve="127.0.0.1:0",
+        on_start=lambda *_: broker.restart(kill=True, down_s=0.5),
+    )
+    (r,) = report.devices
+    assert r.outcome in ("active", "timed out"), report.to_json()
+    assert r.outcome == "active" or "no PUBACK" in (r.reason or "") or r.phase is not None, report.to_json()

@@ -214,3 +214,20 @@ def test_a_tar_is_unpacked_only_inside_the_state_directory(tmp_path: Path, monke
     monkeypatch.setattr(tempfile, "tempdir", str(not_a_folder))
     line.set("s1", "v1")
     assert line.host.answers("s1")[-1][0] == "probation", line.host.answers("s1")
+
+
+def test_pushing_the_serving_model_again_ends_active(tmp_path: Path) -> None:
+    """A fleet push retried after a partial failure sends the same bundle to devices that already switched: they answer
+    "active" (nothing to do, said in the reason), so the retry can succeed. It used to be refused for ever."""
+    line = Line(tmp_path)
+    line.set("s1", "v1")
+    line.pass_probation()
+    assert line.host.answers("s1")[-1][0] == "active"
+    line.set("s1-again", "v1")
+    phase, reason = line.host.answers("s1-again")[-1]
+    assert phase == "active" and "is already active" in str(reason), line.host.answers("s1-again")
+    assert line.host.serving_bundle().version == "v1" and line.updater.state["pending"] is None
+    line.set("s1-again", "v1")  # a repeated request_id gets the recorded outcome
+    assert line.host.answers("s1-again")[-1][0] == "active"
+    line.set("s2", "v2")  # and nothing is left busy
+    assert line.host.answers("s2")[-1][0] == "probation"
