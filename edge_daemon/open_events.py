@@ -8,8 +8,10 @@ ends), and at the next start ``ends_after_crash`` turns each one left there into
 next seq, ``reason: "restart"``, ``ended_at`` the time of that start (the crash time is not known, so
 ``duration_s`` runs to it), everything else as last sent.
 
-A message is noted after it was handed to the spool: a crash between the two leaves a ``start`` without an ``end``
-(the window of one file write), never an ``end`` of an event that was never started.
+A ``start`` or ``update`` is noted before it is handed to the spool and an ``end`` after it (``send_noted``): a crash
+between the two can cost at most an ``end`` that a consumer ignores (for an event whose ``start`` never went out, or
+a second ``end``), never a ``start`` without an ``end``. (Noting after the spool left that window open for as long as
+the link's sender thread took to deliver the ``start`` before the note was written: seconds on a loaded device.)
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -58,18 +61,23 @@ class OpenEventLog:
             log.warning("ending event %s, left open by the last run (a crash or power cut)", event_id)
         return ends
 
-    def note(self, message: Outgoing) -> None:
-        """Record an event message that was just handed to the spool (crops are ignored)."""
+    def send_noted(self, message: Outgoing, send: Callable[[Outgoing], None]) -> None:
+        """``send(message)`` (hand it to the spool), keeping the record right around it: a start or update is recorded
+        before it is sent, an end after (module docstring). Crops are sent unrecorded."""
         if message.kind != "event":
+            send(message)
             return
         body = json.loads(message.payload)
-        with self._lock:
-            if body["type"] == "end":
-                if self._open.pop(body["event_id"], None) is None:
-                    return
-            else:
+        if body["type"] != "end":
+            with self._lock:
                 self._open[body["event_id"]] = body
-            self._save()
+                self._save()
+            send(message)
+            return
+        send(message)
+        with self._lock:
+            if self._open.pop(body["event_id"], None) is not None:
+                self._save()
 
     def _save(self) -> None:
         try:

@@ -348,10 +348,16 @@ class Daemon:
     # ------------------------------------------------------------------------------------- outbox
 
     def _send(self, message: Outgoing) -> None:
-        assert self.link is not None
-        self.link.send(message.suffix, message.payload, message.kind)
-        if self.open_events is not None:
-            self.open_events.note(message)
+        link = self.link
+        assert link is not None
+
+        def to_outbox(m: Outgoing) -> None:
+            link.send(m.suffix, m.payload, m.kind)
+
+        if self.open_events is None:
+            to_outbox(message)
+        else:
+            self.open_events.send_noted(message, to_outbox)
 
     # ------------------------------------------------------------------------------------- retained states
 

@@ -669,3 +669,32 @@ def test_construction_is_validated() -> None:
         CropTuning(max_side=0)
     assert iso_utc(0.0) == "1970-01-01T00:00:00.000Z"
     assert iso_utc(1_700_000_000.9996) == "2023-11-14T22:13:21.000Z"
+
+
+def test_the_open_event_record_is_on_disk_around_each_send(tmp_path: Path) -> None:
+    """A crash right after a start was handed to the outbox must still find that event open at the next start, and a
+    crash right before an end was handed over must still end it: the record is written before a start or update is
+    sent and cleared only after an end is. (Noting after the send left a start without an end on a loaded device.)"""
+    from edge_daemon.open_events import OpenEventLog
+
+    def message(kind: str, seq: int) -> Outgoing:
+        body = {"type": kind, "event_id": "e1", "seq": seq, "camera": "cam0", "started_at": "2026-11-25T10:00:00Z"}
+        return Outgoing("cam0/events", json.dumps(body).encode(), "event")
+
+    record = OpenEventLog(tmp_path)
+    on_disk_at_send: list[dict[str, object]] = []
+
+    def send(m: Outgoing) -> None:  # what a crash at this instant would leave behind
+        on_disk_at_send.append(json.loads(record.path.read_bytes()) if record.path.exists() else {})
+
+    record.send_noted(message("start", 0), send)
+    record.send_noted(message("update", 1), send)
+    record.send_noted(Outgoing("cam0/crop/e1", b"\xff\xd8jpeg", "crop"), send)
+    record.send_noted(message("end", 2), send)
+    assert [d["e1"]["seq"] if "e1" in d else None for d in on_disk_at_send] == [0, 1, 1, 1]  # type: ignore[index]
+    assert json.loads(record.path.read_bytes()) == {}  # ended: nothing left to end at the next start
+
+    record.send_noted(message("start", 0), lambda m: None)  # then a crash: the next start ends it
+    (end,) = OpenEventLog(tmp_path).ends_after_crash(now_wall=1795600000.0)
+    body = json.loads(end.payload)
+    assert body["type"] == "end" and body["reason"] == "restart" and body["seq"] == 1 and end.suffix == "cam0/events"
