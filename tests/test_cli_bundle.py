@@ -45,7 +45,10 @@ def test_keygen_export_verify_compile(trained: Path, tmp_path: Path) -> None:
     keys = tmp_path / "keys" / "line3"
     assert run_cli("deploy.cli", "keygen", "--out", keys).returncode == 0
     bundle = tmp_path / "bundle"
+    # 12 held-out images cannot vouch for a 0.5% false-alarm rate: refused, then forced (this tests the bundle flow)
     res = run_cli("trainer", "export", trained, "--out", bundle, "--sign-key", f"{keys}.key")
+    assert res.returncode == 2 and "only 12 held-out normal image(s)" in res.stderr, res.stderr
+    res = run_cli("trainer", "export", trained, "--out", bundle, "--sign-key", f"{keys}.key", "--force-threshold")
     assert res.returncode == 0, res.stderr
     assert "parity ok" in res.stdout + res.stderr
 

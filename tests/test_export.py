@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -259,9 +260,10 @@ def test_labelled_val_gives_the_f1_optimal_threshold(trained, tiles: Path, tmp_p
     labelled = tmp_path / "labelled"
     shutil.copytree(tiles, labelled)
     (labelled / "dataset.json").write_text(json.dumps({"report_apart": ["uneven"]}))
-    result = export_run(run, tmp_path / "b", labelled_val=labelled, console=QUIET)
+    result = export_run(run, tmp_path / "b", labelled_val=labelled, force_threshold=True, console=QUIET)
     cal = result.manifest.calibration
     assert cal.method == "f1" and cal.target_false_alarm_rate is None and "F1-optimal" in cal.source
+    assert re.search(r"it alarms on \d+\.\d% of the held-out normal images", cal.source), cal.source
     assert cal.normalise(cal.threshold) == 0.5
     # Brute force: the F1 at the chosen threshold is the best F1 over every cut of the labelled test scores.
     counted = [s for s in scan_folder(tiles).test if s.defect != "uneven"]
@@ -282,7 +284,7 @@ def test_labelled_val_gives_the_f1_optimal_threshold(trained, tiles: Path, tmp_p
     # The run's own data as the labelled set: allowed (it may be all the labelled data there is), but said, on
     # the console and in the manifest, since the threshold is then tuned on the images eval reports on.
     said = Console(file=io.StringIO(), width=400)
-    own = export_run(run, tmp_path / "own", labelled_val=tiles, console=said)
+    own = export_run(run, tmp_path / "own", labelled_val=tiles, force_threshold=True, console=said)
     assert "is the run's own data" in said.file.getvalue()  # type: ignore[attr-defined]
     assert "the run's own test split" in own.manifest.calibration.source
     # Unsigned: verify refuses it unless a signature is not required.
@@ -290,6 +292,32 @@ def test_labelled_val_gives_the_f1_optimal_threshold(trained, tiles: Path, tmp_p
         verify_bundle(result.bundle, [])
     verify_bundle(result.bundle, [], require_signature=False)
     assert result.signed_by is None
+
+
+def test_a_threshold_the_held_out_normal_images_refute_is_refused(trained, tiles: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A labelled set whose "defects" are good parts pulls the F1 threshold below the normal scores: the bundle would
+    reject most good parts on the line. Export used to ship it with exit 0; now it is refused, naming the held-out
+    alarm rate, unless forced. Too few held-out images for the target rate are refused the same way."""
+    run = trained("ae")
+    labelled = tmp_path / "labelled"
+    (labelled / "train" / "good").mkdir(parents=True)
+    for folder, images in (
+        ("good", sorted((tiles / "test" / "good").iterdir())[:1]),
+        ("fake", sorted((tiles / "train" / "good").iterdir())[:20]),
+    ):
+        (labelled / "test" / folder).mkdir(parents=True)
+        for image in images:
+            shutil.copy(image, labelled / "test" / folder / image.name)
+            shutil.copy(image, labelled / "train" / "good" / image.name)
+    with pytest.raises(UserError, match=r"alarms on \d+% of the run's \d+ held-out normal images .*--force-threshold"):
+        export_run(run, tmp_path / "b", labelled_val=labelled, console=QUIET)
+    assert not (tmp_path / "b").exists()
+    forced = export_run(run, tmp_path / "b", labelled_val=labelled, force_threshold=True, console=QUIET)
+    assert forced.manifest.calibration.method == "f1"
+    # the quantile threshold: 36 held-out images resolve about 1/37, so a 0.1% target is refused, 0.5% is not
+    with pytest.raises(UserError, match=r"only 36 held-out normal image\(s\).* put at least \d+ images in train/good"):
+        export_run(run, tmp_path / "q", false_alarm_rate=0.001, console=QUIET)
+    assert export_run(run, tmp_path / "q", false_alarm_rate=0.005, console=QUIET).manifest.calibration.n_images == 36
 
 
 def test_eval_metrics_go_into_the_manifest_for_the_same_checkpoint(trained, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

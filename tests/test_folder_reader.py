@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from deploy.preprocess import ImageReadError, InputSpec, decode_image, prepare_u
 from trainer.datasets import prepare
 from trainer.datasets.folder import (
     FolderIndex,
+    data_digest,
     describe_folder,
     infer_channels,
     load_images,
@@ -203,13 +205,16 @@ def _mini_folder(shared_data: Path, root: Path) -> Path:
     return root
 
 
-def test_mini_folder_reads(shared_data: Path, tmp_path: Path) -> None:
+def test_mini_folder_reads(shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     root = _mini_folder(shared_data, tmp_path / "mini")
     (root / "train/good/._hidden.jpg").write_bytes(b"resource fork")  # hidden: ignored
     (root / "train/good/notes.txt").write_text("not an image")  # not an image suffix: ignored
     (root / "dataset.json").write_text(json.dumps({"report_apart": ["pitting"]}))
-    index = scan_folder(root)
+    with caplog.at_level(logging.WARNING, logger="trainer.datasets.folder"):
+        index = scan_folder(root)
     assert len(index.train) == 3 and len(index.test) == 4 and index.report_apart == {"pitting"}
+    # what is not read is said, by name (it was skipped without a word): the hidden file is not
+    assert [r.getMessage() for r in caplog.records] == [f"{root / 'train/good'}: 1 entry not read: notes.txt"]
     assert load_images(index.train, InputSpec(16, 16, 3)).shape == (3, 3, 16, 16)
     masks = load_masks(index.test, 230, 565)  # bsdata's native size: small pits stay visible
     assert not masks[:2].any() and masks[2:].any(axis=(1, 2)).all()
@@ -309,3 +314,23 @@ def test_end_markers_judge_truncation(shared_data: Path) -> None:
     assert np.array_equal(decode_image(with_thumbnail, name="t.jpg"), decode_image(jpeg))
     with pytest.raises(ImageReadError, match="truncated"):
         decode_image(with_thumbnail[: len(with_thumbnail) // 2], name="t.jpg")
+
+
+def test_webp_images_and_non_utf8_file_names_are_read(shared_data: Path, tmp_path: Path) -> None:
+    """A .webp (OpenCV decodes it) is an image, not a file skipped without a word; a file name that is not UTF-8
+    (Latin-1 from an old Windows share) is hashed by its bytes: data_digest used to raise UnicodeEncodeError after
+    training had finished."""
+    import os
+
+    root = _mini_folder(shared_data, tmp_path / "mini")
+    first = sorted((root / "train/good").iterdir())[0]
+    ok, webp = cv2.imencode(".webp", cv2.imread(str(first)))
+    assert ok
+    (root / "train/good/extra.webp").write_bytes(webp.tobytes())
+    latin = os.fsdecode(b"Pr\xfcfteil_000.jpg")
+    shutil.copy(first, root / "train/good" / latin)
+    index = scan_folder(root)
+    assert len(index.train) == 5 and {s.path.name for s in index.train} >= {"extra.webp", latin}
+    assert load_images(index.train, InputSpec(16, 16, 3)).shape == (5, 3, 16, 16)
+    digest = data_digest(root, index.train)
+    assert len(digest) == 64 and digest == data_digest(root, list(reversed(index.train)))

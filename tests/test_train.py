@@ -259,3 +259,18 @@ def test_cpu_training_is_deterministic(mnist_small: Path, tmp_path: Path) -> Non
         train(opts)
         runs.append(_weights(tmp_path / name / "checkpoints" / "last.pt"))
     assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_divergence_and_an_unusable_out_are_one_line(mnist_small: Path, tmp_path: Path) -> None:
+    """A NaN loss used to run on to exit 0 with NaN in metrics.jsonl and no best.pt; now training stops at once, exit
+    1, naming where. An --out that cannot be a folder was a traceback after every image had been decoded."""
+    diverged = cli(
+        "train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "nan", "--epochs", "2",
+        "--image-size", "16", "--batch-size", "64", "--lr", "1e12", "--device", "cpu",
+    )  # fmt: skip
+    _one_line_error(diverged, 1, "training diverged at epoch 1, batch", "nan", "no checkpoint", "lower --lr")
+    events = [json.loads(line)["event"] for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1] == "diverged" and "epoch" not in events
+    (tmp_path / "afile").write_text("")
+    for out, needle in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "run", "cannot create --out")):
+        _one_line_error(cli("train", "--model", "ae", "--data", mnist_small, "--out", out, "--epochs", "1"), 2, needle)

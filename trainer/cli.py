@@ -33,7 +33,7 @@ T = TypeVar("T")
 
 def _run(fn: Callable[[], T]) -> T:
     """Run a command body, turning the product's own errors into one line and an exit code."""
-    from trainer.train import Interrupted
+    from trainer.train import Diverged, Interrupted
 
     try:
         return fn()
@@ -46,6 +46,9 @@ def _run(fn: Callable[[], T]) -> T:
     except Interrupted as exc:
         err.print(f"[yellow]{exc}[/yellow]", highlight=False)
         raise typer.Exit(130) from None
+    except Diverged as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        raise typer.Exit(1) from None
 
 
 def _parse_sets(items: list[str]) -> dict[str, Any]:
@@ -186,6 +189,12 @@ def export(
         Path | None, typer.Option(help="MVTec-layout folder whose test/ is a labelled validation set: F1 threshold")
     ] = None,
     tar: Annotated[bool, typer.Option(help="write one .tar file instead of a directory")] = False,
+    force_threshold: Annotated[
+        bool,
+        typer.Option(
+            help="export a threshold that the held-out normal images show, or cannot rule out, to alarm too often"
+        ),
+    ] = False,
 ) -> None:
     """Export a run as a detector bundle: ONNX (checked against torch), calibration, golden set, signature."""
     from deploy.bundle import BundleError
@@ -201,6 +210,7 @@ def export(
                 false_alarm_rate=false_alarm_rate,
                 labelled_val=labelled_val,
                 tar=tar,
+                force_threshold=force_threshold,
             )
         except BundleError as exc:
             raise UserError(str(exc)) from None

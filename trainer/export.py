@@ -512,6 +512,15 @@ def _load_held_out(cfg: RunConfig, index: FolderIndex, spec: InputSpec) -> tuple
     return held, load_images(held, spec)
 
 
+COARSE_FACTOR = 10.0
+"""A threshold is refused (unless forced) when the held-out normal images say it alarms on more than this many times
+the target rate (F1 threshold), or cannot resolve a rate below this many times the target (quantile: n images resolve
+about 1/(n+1), the rate the highest of n normal scores is exceeded at on new normal parts)."""
+MAX_HELD_OUT_ALARMS = 0.1
+"""An F1 threshold (``--labelled-val``) that alarms on more than this share of the held-out normal images is refused
+(unless forced): tuned on a few labelled images, it can fall below the normal scores and alarm on most good parts."""
+
+
 def _calibrate(
     model: Detector,
     held_scores: np.ndarray,
@@ -522,7 +531,11 @@ def _calibrate(
     labelled: FolderIndex | None,
     data: Path,
     console: Console,
+    force: bool = False,
 ) -> Calibration:
+    """The bundle's calibration (module docstring, step 4). UserError, unless ``force``, for a threshold that the
+    held-out normal images show, or cannot rule out, to alarm far too often (``COARSE_FACTOR``,
+    ``MAX_HELD_OUT_ALARMS``)."""
     s = held_scores.astype(np.float64)
     if not s.max() > s.min():  # every normalised score would be clamped to 0 or 1 around one value
         raise UserError(
@@ -532,6 +545,16 @@ def _calibrate(
     quantiles = {f"{q:g}": float(np.quantile(s, q)) for q in QUANTILES}
     held_text = f"held-out {val_fraction:.0%} of train/good ({n_held} images, the run's validation split)"
     if labelled is None:
+        resolved = 1.0 / (n_held + 1)
+        if resolved > COARSE_FACTOR * false_alarm_rate and not force:
+            need = int(np.ceil((1.0 / (COARSE_FACTOR * false_alarm_rate) - 1.0) / val_fraction))
+            raise UserError(
+                f"only {n_held} held-out normal image(s): a threshold set on them alarms on about 1 in {n_held + 1} "
+                f"good parts ({resolved:.1%}), over {COARSE_FACTOR:g} times the --false-alarm-rate "
+                f"{false_alarm_rate:g}; "
+                f"put at least {need} images in train/good (the run holds out {val_fraction:.0%}) and train again, or "
+                "pass --force-threshold to export it anyway"
+            )
         threshold = quantile_threshold(s, false_alarm_rate)
         return Calibration(
             method="quantile",
@@ -557,6 +580,14 @@ def _calibrate(
     x = to_float(load_images(counted, spec))
     val_scores, _ = torch_outputs(model, x)
     threshold, f1 = f1_optimal_threshold(val_scores, labels)
+    held_alarms = float(np.mean(s >= threshold))
+    if held_alarms > MAX_HELD_OUT_ALARMS and not force:
+        raise UserError(
+            f"the F1 threshold {threshold:.6g} from {labelled.root}/test alarms on {held_alarms:.0%} of the run's "
+            f"{n_held} held-out normal images (held-out scores {s.min():.6g} to {s.max():.6g}): it would reject good "
+            "parts on the line; use more labelled images, drop --labelled-val (quantile threshold), or pass "
+            "--force-threshold to export it anyway"
+        )
     n_anom = int(labels.sum())
     own_note = "; the run's own test split: F1 measured where it was tuned" if own_test else ""
     return Calibration(
@@ -569,7 +600,8 @@ def _calibrate(
         n_images=n_held,
         source=(
             f"threshold: F1-optimal (F1 {f1:.4f}) on {labelled.root}/test ({len(labels) - n_anom} normal, "
-            f"{n_anom} anomalous{own_note}); raw range and quantiles: {held_text}"
+            f"{n_anom} anomalous{own_note}; it alarms on {held_alarms:.1%} of the held-out normal images); raw range "
+            f"and quantiles: {held_text}"
         ),
     )
 
@@ -583,13 +615,15 @@ def export_run(
     false_alarm_rate: float = 0.005,
     labelled_val: Path | None = None,
     tar: bool = False,
+    force_threshold: bool = False,
     console: Console | None = None,
 ) -> ExportResult:
     """Export ``run`` as a bundle at ``out``; see the module docstring.
 
     ``out`` is the bundle folder (new, or empty); with ``tar`` (or when ``out`` ends in ``.tar``) it
     is a new ``.tar`` file holding the folder's contents. ``sign_key`` is an Ed25519 private key
-    (``edge-deploy keygen``); without it the bundle is unsigned and ``verify`` says so.
+    (``edge-deploy keygen``); without it the bundle is unsigned and ``verify`` says so. ``force_threshold``
+    exports a threshold the held-out normal images cannot vouch for (``_calibrate``) instead of refusing it.
     Raises UserError (exit 2) for bad input, ExportError / ExportParityError (exit 1) when the model
     cannot be exported faithfully.
     """
@@ -643,7 +677,16 @@ def export_run(
             raise ExportParityError(parity)
 
         calibration = _calibrate(
-            model, t_scores[:n_held], n_held, cfg.val_fraction, spec, false_alarm_rate, labelled, data, console
+            model,
+            t_scores[:n_held],
+            n_held,
+            cfg.val_fraction,
+            spec,
+            false_alarm_rate,
+            labelled,
+            data,
+            console,
+            force=force_threshold,
         )
 
         g_norm = _spread(n_held, N_GOLDEN_NORMAL)

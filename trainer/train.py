@@ -14,6 +14,7 @@ acted on between two steps (never inside an optimiser update). It also needs MKL
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 import signal
 import time
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import torch
@@ -51,6 +52,11 @@ from trainer.run_dir import (
 )
 
 EVAL_BATCH = 256
+
+
+class Diverged(Exception):
+    """A loss or the held-out loss became NaN or infinite (exit 1): training stopped, the checkpoints of the last good
+    epoch are kept, and the message says where it happened and what to try."""
 
 
 class Interrupted(Exception):
@@ -240,9 +246,15 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
     console = console or Console(stderr=True, soft_wrap=True)
     device = resolve_device(opts.device)
     run = opts.out
+    if run.exists() and not run.is_dir():
+        raise UserError(f"--out {run} is a file, not a folder; choose an empty or new folder")
     existing = read_run_config(run) if (run / CONFIG_FILE).is_file() else None
     if existing is None and run.exists() and any(run.iterdir()):
         raise UserError(f"--out {run} exists and is not a training run folder; choose an empty or new folder")
+    try:  # before the data are read: a folder that cannot be made is said at once, not after minutes of decoding
+        run.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create --out {run}: {exc.strerror or exc}") from None
     model_class(opts.model)  # an unknown model is refused before the data are read
     index = scan_folder(opts.data, need_test=False)
     cfg = _resolve_config(opts, existing, index)
@@ -263,7 +275,6 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
     images = torch.from_numpy(load_images(index.train, spec, workers=opts.workers))
     train_x, val_x = images[torch.from_numpy(tr_idx)], images[torch.from_numpy(va_idx)]
 
-    run.mkdir(parents=True, exist_ok=True)
     start_epoch, start_batch, best_val = 1, 0, float("inf")
     last_path = run / CHECKPOINTS / "last.pt"
     if existing is not None and last_path.is_file():
@@ -326,6 +337,9 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
                     )
                 x = train_x[plan[b]].to(device, non_blocking=True).float().div_(255.0)
                 losses = model.training_step(x, optimizers)
+                bad = {k: v for k, v in losses.items() if not math.isfinite(v)}
+                if bad:
+                    _diverged(run, epoch, f"batch {b}/{len(plan)}", bad, cfg.lr)
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v
                 seen += len(x)
@@ -338,6 +352,8 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
             progress.remove_task(task)
 
             val = validation_loss(model, val_x, device)
+            if not math.isfinite(val):
+                _diverged(run, epoch, "the held-out loss", {"val": val}, cfg.lr)
             improved = val < best_val
             if improved:
                 best_val = val
@@ -382,6 +398,20 @@ def _float_batches(images: torch.Tensor, device: torch.device) -> Iterator[torch
 
 
 @torch.no_grad()
+def _diverged(run: Path, epoch: int, where: str, losses: dict[str, float], lr: Any) -> NoReturn:
+    """Record the divergence in metrics.jsonl and raise Diverged (nothing of the diverged epoch is saved)."""
+    append_metrics(
+        run, {"event": "diverged", "epoch": epoch, "where": where, "losses": {k: str(v) for k, v in losses.items()}}
+    )
+    shown = ", ".join(f"{k}={v}" for k, v in losses.items())
+    kept = (
+        f"the checkpoints of the last good epoch are kept in {run / CHECKPOINTS}"
+        if (run / CHECKPOINTS / "last.pt").is_file()
+        else "no epoch finished, so there is no checkpoint"
+    )
+    raise Diverged(f"training diverged at epoch {epoch}, {where}: {shown}; {kept}; try a lower --lr (now {lr})")
+
+
 def validation_loss(model: Detector, images: torch.Tensor, device: torch.device) -> float:
     """Mean of ``model.validation_loss`` over held-out uint8 images, in eval mode."""
     model.eval()

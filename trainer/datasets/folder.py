@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,9 @@ import numpy as np
 from deploy.preprocess import ImageReadError, InputSpec, decode_image, prepare_uint8, resize
 from trainer.errors import DatasetError
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 """File suffixes read as images (compared case-insensitively)."""
 
 GOOD = "good"
@@ -100,6 +103,15 @@ def _images_in(folder: Path) -> list[Path]:
     return [folder / n for n in names]
 
 
+def _not_read(folder: Path) -> list[str]:
+    """What ``_images_in`` leaves out of ``folder`` (sub-folders with a trailing '/', files of other types), hidden
+    entries aside, sorted: said when a data folder is scanned, so that no image is skipped without a word."""
+    with os.scandir(folder) as it:
+        return sorted(
+            e.name + ("/" if e.is_dir() else "") for e in it if not e.name.startswith(".") and not _is_image(e)
+        )
+
+
 def _subfolders(folder: Path) -> list[str]:
     """Names of the non-hidden folders directly inside ``folder``, sorted."""
     with os.scandir(folder) as it:
@@ -139,6 +151,10 @@ def scan_folder(root: Path, *, need_test: bool = True) -> FolderIndex:
     train = [Sample(p, 0, GOOD, None) for p in _images_in(train_dir)]
     if not train:
         raise DatasetError(f"{train_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    ignored = _not_read(train_dir)
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        log.warning("%s: %d entr%s not read: %s", train_dir, len(ignored), "y" if len(ignored) == 1 else "ies", shown)
 
     test: list[Sample] = []
     test_dir = root / "test"
@@ -354,5 +370,5 @@ def data_digest(root: Path, samples: Sequence[Sample]) -> str:
         pairs.append((sample.path.relative_to(root).as_posix(), hashlib.sha256(data).hexdigest()))
     h = hashlib.sha256()
     for name, hexdigest in sorted(pairs):
-        h.update(f"{name}\0{hexdigest}\n".encode())
+        h.update(f"{name}\0{hexdigest}\n".encode("utf-8", "surrogateescape"))  # a non-UTF-8 file name: its bytes
     return h.hexdigest()
