@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from deploy import __version__
-from deploy.durable import atomic_file, write_bytes_atomic
+from deploy.durable import atomic_file, remove_orphans, scratch_prefix, write_bytes_atomic
 from deploy.manifest import (
     RESERVED_NAMES,
     BundleError,
@@ -70,6 +70,7 @@ MAX_SIGNATURE_BYTES = 64 * 1024
 DEFAULT_MAX_BYTES = 2 * 1024**3
 DEFAULT_MAX_MEMBERS = 10_000
 _CHUNK = 1024**2
+_OPEN_PREFIX = "edge-bundle-"  # open_bundle's temporary folders: edge-bundle-<pid>-<random>
 # A PAX or GNU long-name header is read whole into memory by tarfile, and a chain of them recursively (up to the
 # recursion limit, ~1,000 deep): 64 KiB each (a bundle's are well under 1 KiB) keeps the worst case near 64 MB.
 MAX_TAR_HEADER_READ = 64 * 1024
@@ -780,7 +781,9 @@ def open_bundle(path: Path, *, tmp_dir: Path | None = None, max_bytes: int = DEF
         raise BundleError(f"no bundle at {path}")
     if not path.is_file():
         raise BundleError(f"{path} is neither a bundle folder nor a .tar file")
-    with tempfile.TemporaryDirectory(prefix="edge-bundle-", dir=tmp_dir) as tmp:
+    if tmp_dir is not None:  # beside a bundle (edit_bundle): a killed edit's folder would stay there for ever
+        remove_orphans(Path(tmp_dir), _OPEN_PREFIX)
+    with tempfile.TemporaryDirectory(prefix=scratch_prefix(_OPEN_PREFIX), dir=tmp_dir) as tmp:
         root = Path(tmp) / "bundle"
         safe_extract(path, root, max_bytes=max_bytes)
         yield root

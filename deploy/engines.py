@@ -35,6 +35,7 @@ import ctypes
 import ctypes.util
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -48,7 +49,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 
-from deploy.durable import write_bytes_atomic
+from deploy.durable import remove_orphans, scratch_prefix, write_bytes_atomic
 from deploy.manifest import BundleError, FileEntry, Manifest, canonical_bytes, sha256_file
 from deploy.numpy_abi import numpy1_build_problem
 from deploy.parity import ParityReport, check_parity, load_golden
@@ -71,6 +72,7 @@ except ImportError as _exc:  # TensorRT is only on devices and workstations with
 
 EnginePrecision = Literal["fp16", "fp32"]
 PRECISIONS: tuple[str, ...] = ("fp16", "fp32")
+log = logging.getLogger(__name__)
 MAX_BATCH_LIMIT = 1024
 SIDECAR_VERSION = 1
 TEGRA_RELEASE_FILE = Path("/etc/nv_tegra_release")
@@ -830,7 +832,10 @@ def _compile_dir(
         load_private_key(sign_key)
     # Built and gated outside the bundle, then moved in: a rebuild for the same key (same model, TensorRT, GPU,
     # precision and batch) that fails its gate must not touch the engine the signed manifest already lists.
-    staging = Path(tempfile.mkdtemp(prefix=f".{bundle_dir.name}.compile-", dir=bundle_dir.parent))
+    prefix = f".{bundle_dir.name}.compile-"
+    for orphan in remove_orphans(bundle_dir.parent, prefix):
+        log.info("removed %s, left by a compile that was killed", orphan)
+    staging = Path(tempfile.mkdtemp(prefix=scratch_prefix(prefix), dir=bundle_dir.parent))
     try:
         staged, _ = build_engine(bundle_dir / "model.onnx", staging, precision=precision, max_batch=max_batch)
         runner = tensorrt_runner(staged, device=device)
@@ -846,16 +851,18 @@ def _compile_dir(
 def compile_main(bundle: Path, precision: str, max_batch: int, sign_key: Path | None) -> int:
     """``edge-trainer compile BUNDLE --precision fp16 --max-batch 8 [--sign-key KEY]``: one line, an exit code.
 
-    0 compiled and gated; 1 the build or the parity gate failed (the engine is deleted); 2 a bad
-    bundle, key or argument; 3 TensorRT or a CUDA GPU is missing. TensorRT's availability is
-    checked first: on a machine without it, nothing else is looked at.
+    0 compiled and gated; 1 the build or the parity gate failed (the engine is deleted), or the disk failed (full);
+    2 a bad bundle, key or argument; 3 TensorRT or a CUDA GPU is missing. The arguments and that the bundle exists
+    are checked first (a typo is a typo on any machine), then TensorRT's availability, then the bundle's contents.
     """
     try:
-        require_tensorrt()
         if precision not in PRECISIONS:
             raise BundleError(f"--precision must be fp16 or fp32, got {precision!r}")
         if isinstance(max_batch, bool) or not 1 <= max_batch <= MAX_BATCH_LIMIT:
             raise BundleError(f"--max-batch must be from 1 to {MAX_BATCH_LIMIT}, got {max_batch}")
+        if not Path(bundle).exists():
+            raise BundleError(f"no bundle at {bundle}")
+        require_tensorrt()
         plan, report = compile_bundle(
             Path(bundle), precision=cast(EnginePrecision, precision), max_batch=max_batch, sign_key=sign_key
         )
@@ -870,6 +877,10 @@ def compile_main(bundle: Path, precision: str, max_batch: int, sign_key: Path | 
         return 1
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a full eMMC during the build or the install: the bundle is left as it was
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"error: cannot write the engine{where}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     signed = "re-signed" if sign_key is not None else "UNSIGNED now: run `edge-deploy sign` before deploying"
     print(f"compiled {plan} into {bundle}; {report.summary()}; manifest updated, {signed}")

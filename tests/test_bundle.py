@@ -493,6 +493,15 @@ def test_a_tar_is_edited_in_place_only_when_the_edit_succeeds(
         assert root == bundle
     with pytest.raises(BundleError, match="no bundle at"), edit_bundle(tmp_path / "absent"):
         pass
+    # an edit killed mid-way (SIGKILL, power cut) leaves its folder beside the tar: the next edit removes it
+    import subprocess
+    import sys
+
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True).stdout)
+    (shelf / f"edge-bundle-{dead}-k2j4" / "bundle").mkdir(parents=True)
+    with edit_bundle(tar_path):
+        pass
+    assert sorted(p.name for p in shelf.iterdir()) == ["b.tar"]
 
 
 # ------------------------------------------------------------------------------------- writing

@@ -333,6 +333,12 @@ def test_compile_main_exit_3_without_tensorrt(tmp_path: Path, capsys: pytest.Cap
     assert out == ""
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: TensorRT cannot run here: missing")
+    # a typo is a typo on any machine: bad arguments and a missing bundle are exit 2 before TensorRT is looked for
+    assert compile_main(tmp_path, "int8", 8, None) == 2
+    assert "--precision must be fp16 or fp32, got 'int8'" in capsys.readouterr().err
+    assert compile_main(tmp_path, "fp16", 0, None) == 2
+    assert compile_main(tmp_path / "nosuch", "fp16", 8, None) == 2
+    assert f"no bundle at {tmp_path / 'nosuch'}" in capsys.readouterr().err
 
 
 def test_build_engine_validates_arguments_first(tmp_path: Path) -> None:
