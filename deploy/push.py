@@ -47,6 +47,7 @@ import contextlib
 import fnmatch
 import hashlib
 import http.server
+import ipaddress
 import json
 import re
 import secrets
@@ -829,6 +830,31 @@ def _snapshot(report: PushReport, now: float) -> PushReport:
     return replace(report, devices=devices, skipped=dict(report.skipped), bytes_served=dict(report.bytes_served))
 
 
+def _is_ipv6(text: str) -> bool:
+    try:
+        return isinstance(ipaddress.ip_address(text), ipaddress.IPv6Address)
+    except ValueError:
+        return False
+
+
+def _reachable_address(to_broker: str | None) -> str:
+    """The address devices most likely reach this machine at, for a server bound to every interface: this end of
+    the connection to the broker, unless that is loopback (the broker runs here), then the source address of the
+    default route, found without sending anything. PushError (2) when neither is a network address."""
+    candidates = [to_broker]
+    if to_broker is None or ipaddress.ip_address(to_broker.split("%")[0]).is_loopback:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+            probe.connect(("192.0.2.1", 9))  # a UDP connect only picks the route: no packet is sent
+            candidates.append(str(probe.getsockname()[0]))
+    for address in candidates:
+        if address and not ipaddress.ip_address(address.split("%")[0]).is_loopback:
+            return address
+    raise PushError(
+        "cannot tell which address the devices reach this machine at (the broker connection is local and there is "
+        "no default route): pass --advertise HOST"
+    )
+
+
 def _check_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.scheme not in ("http", "https", "file") or (parts.scheme != "file" and not parts.netloc):
@@ -899,6 +925,10 @@ def push(
             )
     if advertise is not None and (not advertise.strip() or any(c in advertise for c in "/ ")):
         raise PushError(f"--advertise {advertise!r} is not a host name or address")
+    if advertise is not None and ":" in advertise and not _is_ipv6(advertise.strip("[]")):
+        raise PushError(
+            f"--advertise {advertise!r} is not a host name or address (the port is the server's: set it with --serve)"
+        )
 
     started = time.monotonic()
     with contextlib.ExitStack() as stack:
@@ -941,7 +971,7 @@ def push(
             server: BundleServer | None = stack.enter_context(_served(info, serve))
             assert server is not None
             host = advertise or (server.host if server.host not in ("0.0.0.0", "::", "") else None)
-            host = host or link.local_address() or socket.gethostname()
+            host = host or _reachable_address(link.local_address())
             the_url = server.url(host)
         else:
             server, the_url = None, url

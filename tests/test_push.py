@@ -533,3 +533,25 @@ def test_a_broker_lost_just_as_the_command_goes_out_is_no_traceback(
     (r,) = report.devices
     assert r.outcome in ("active", "timed out"), report.to_json()
     assert r.outcome == "active" or "no PUBACK" in (r.reason or "") or r.phase is not None, report.to_json()
+
+
+def test_a_server_on_every_interface_is_advertised_at_a_network_address(
+    broker: Broker, device_factory: Any, bundle_tar: Path
+) -> None:
+    """Push run on the broker's own machine, serving on every interface: the URL used to name 127.0.0.1, which each
+    device resolves to itself. It names this machine's network address now (or, with no route, asks for
+    --advertise); an --advertise with a port is refused (it made http://[10.0.0.5:8080]:PORT/...)."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    with pytest.raises(PushError, match="the port is the server's"):
+        push(bundle_tar, ["line7-a"], settings(broker), advertise="10.0.0.5:8080")
+    device_factory("line7-a", "ok")
+    try:
+        report = push(bundle_tar, ["line7-a"], settings(broker), wait=True, timeout=60, serve="0.0.0.0:0")
+    except PushError as exc:  # a machine with no default route
+        assert "--advertise" in str(exc) and exc.code == 2
+        return
+    host = urlsplit(report.url).hostname
+    assert host is not None and not ipaddress.ip_address(host).is_loopback, report.url
+    assert [r.outcome for r in report.devices] == ["active"], report.to_json()
