@@ -274,3 +274,10 @@ def test_divergence_and_an_unusable_out_are_one_line(mnist_small: Path, tmp_path
     (tmp_path / "afile").write_text("")
     for out, needle in ((tmp_path / "afile", "is a file"), (tmp_path / "afile" / "run", "cannot create --out")):
         _one_line_error(cli("train", "--model", "ae", "--data", mnist_small, "--out", out, "--epochs", "1"), 2, needle)
+    # a negative --lr (also on a resume, which skipped the model config's check) and an out-of-range --seed
+    _one_line_error(
+        cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "r", "--lr", "-1"), 2, "--lr"
+    )
+    for seed in ("-1", "99999999999999999999"):
+        res = cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "r", "--seed", seed)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and "--seed" in res.stderr, res.stderr

@@ -98,7 +98,9 @@ def train(
     channels: Annotated[int | None, typer.Option(help="1 or 3; default: inferred from the images")] = None,
     lr: Annotated[float | None, typer.Option(help="base learning rate; default: the model's")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
-    seed: Annotated[int, typer.Option()] = 0,
+    seed: Annotated[
+        int, typer.Option(min=0, max=2**32 - 1, help="seeds the split, the weights and the batch order")
+    ] = 0,
     workers: Annotated[int, typer.Option(min=1, help="image decoding threads")] = DEFAULT_WORKERS,
     set_: Annotated[
         list[str] | None,

@@ -246,6 +246,8 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
     console = console or Console(stderr=True, soft_wrap=True)
     device = resolve_device(opts.device)
     run = opts.out
+    if opts.lr is not None and not (math.isfinite(opts.lr) and opts.lr > 0):
+        raise UserError(f"--lr must be a positive number, got {opts.lr}")
     if run.exists() and not run.is_dir():
         raise UserError(f"--out {run} is a file, not a folder; choose an empty or new folder")
     existing = read_run_config(run) if (run / CONFIG_FILE).is_file() else None
