@@ -171,7 +171,10 @@ def eval_(
         "device",
     ):
         value = result.get(key)
-        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+        shown = f"{value:.4f}" if isinstance(value, float) else str(value)
+        if key == "threshold":  # chosen on these test images, in raw score units: not a value for the daemon's config
+            key = "threshold (raw, best on this test set)"
+        table.add_row(key, shown)
     for defect, value in sorted(result["per_defect_auroc"].items()):
         table.add_row(f"auroc {defect}", f"{value:.4f}")
     Console().print(table)
