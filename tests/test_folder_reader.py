@@ -334,3 +334,16 @@ def test_webp_images_and_non_utf8_file_names_are_read(shared_data: Path, tmp_pat
     assert load_images(index.train, InputSpec(16, 16, 3)).shape == (5, 3, 16, 16)
     digest = data_digest(root, index.train)
     assert len(digest) == 64 and digest == data_digest(root, list(reversed(index.train)))
+
+
+def test_a_grey_and_colour_mix_is_refused_whatever_the_names(shared_data: Path, tmp_path: Path) -> None:
+    """32 grey tiles named a_* and a few colour bottles named b_*: channels were decided by the first 32 names, and the
+    colour images silently converted to grey. The mix is named now, with the way out (--channels)."""
+    root = tmp_path / "mix"
+    (root / "train/good").mkdir(parents=True)
+    for i, p in enumerate(sorted((shared_data / "magnetic_tile/train/good").iterdir())[:32]):
+        shutil.copy(p, root / "train/good" / f"a_{i:03d}{p.suffix}")
+    for i, p in enumerate(sorted((shared_data / "mvtec_bottle/train/good").iterdir())[:5]):
+        shutil.copy(p, root / "train/good" / f"b_{i:03d}{p.suffix}")
+    with pytest.raises(DatasetError, match=r"mixes grey and colour images \(32 grey, .* 5 colour, e\.g\. b_000"):
+        infer_channels(scan_folder(root, need_test=False))

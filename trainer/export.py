@@ -66,7 +66,7 @@ from deploy.manifest import Calibration, GoldenSpec, InputSpecModel, Manifest
 from deploy.preprocess import InputSpec, to_float
 from deploy.preprocess_check import GOLDEN_SOURCES, golden_sources, source_name
 from deploy.signing import key_id, load_private_key
-from trainer.datasets.folder import FolderIndex, Sample, data_digest, load_images, scan_folder
+from trainer.datasets.folder import FolderIndex, Sample, data_digest, load_images, scan_folder, spread_indices
 from trainer.errors import CapabilityError, UserError
 from trainer.models import Detector
 from trainer.run_dir import FILE_SHA256, RunConfig, eval_dir, load_model, read_run_config, weights_epoch
@@ -296,20 +296,13 @@ def _golden_sources(samples: list[Sample]) -> dict[str, bytes]:
     return out
 
 
-def _spread(n_items: int, k: int) -> list[int]:
-    """Up to ``k`` indices spread evenly over ``range(n_items)``, in order, without repeats."""
-    if n_items <= k:
-        return list(range(n_items))
-    return sorted({int(round(i)) for i in np.linspace(0, n_items - 1, k)})
-
-
 def _pick_anomalous(index: FolderIndex, k: int) -> list[Sample]:
     """Up to ``k`` anomalous test samples: defect types in turn, each defect's picks spread over its images."""
     by_defect: dict[str, list[Sample]] = {}
     for s in index.test:
         if s.label == 1:
             by_defect.setdefault(s.defect, []).append(s)
-    queues = {d: [items[i] for i in _spread(len(items), k)] for d, items in sorted(by_defect.items())}
+    queues = {d: [items[i] for i in spread_indices(len(items), k)] for d, items in sorted(by_defect.items())}
     picked: list[Sample] = []
     while len(picked) < k and any(queues.values()):
         for queue in queues.values():
@@ -689,7 +682,7 @@ def export_run(
             force=force_threshold,
         )
 
-        g_norm = _spread(n_held, N_GOLDEN_NORMAL)
+        g_norm = spread_indices(n_held, N_GOLDEN_NORMAL)
         g_idx = g_norm + list(range(n_held, len(x_all)))
         labels = [0] * len(g_norm) + [1] * len(anomalous)
         created = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)

@@ -244,15 +244,32 @@ def load_masks(samples: Sequence[Sample], height: int, width: int) -> np.ndarray
     return out
 
 
-def infer_channels(index: FolderIndex, max_images: int = 32) -> int:
-    """1 if each of the first ``max_images`` training images decodes as single-channel grey, else 3.
+def infer_channels(index: FolderIndex, max_images: int = 64) -> int:
+    """1 when the training images decode as single-channel grey, 3 when they decode as colour, judged on up to
+    ``max_images`` of them spread over the whole (name-sorted) set.
 
-    Raises DatasetError naming a file that cannot be decoded.
+    Raises DatasetError naming a file that cannot be decoded, and when grey and colour images are mixed (they used to
+    be converted silently to whatever the first names were): the user says which with --channels.
     """
-    for sample in index.train[:max_images]:
-        if _decode(sample.path).ndim != 2:
-            return 3
-    return 1
+    picks = [index.train[i] for i in spread_indices(len(index.train), max_images)]
+    grey = [s.path.name for s in picks if _decode(s.path).ndim == 2]
+    if not grey:
+        return 3
+    if len(grey) == len(picks):
+        return 1
+    colour = sorted({s.path.name for s in picks} - set(grey))
+    raise DatasetError(
+        f"{index.root / 'train' / GOOD} mixes grey and colour images ({len(grey)} grey, e.g. {grey[0]}, and "
+        f"{len(colour)} colour, e.g. {colour[0]}, among {len(picks)} checked): pass --channels 1 or 3 to say which "
+        "the model is for (the others are converted)"
+    )
+
+
+def spread_indices(n_items: int, k: int) -> list[int]:
+    """Up to ``k`` indices spread evenly over ``range(n_items)``, in order, without repeats."""
+    if n_items <= k:
+        return list(range(n_items))
+    return sorted({int(round(i)) for i in np.linspace(0, n_items - 1, k)})
 
 
 @dataclass(frozen=True)
