@@ -445,9 +445,13 @@ def find_engine(bundle_dir: Path, cache_dir: Path | None, key: str) -> Path | No
     return None
 
 
-def prune_engine_cache(cache_dir: Path, keep_onnx_sha256: Iterable[str]) -> list[Path]:
+def prune_engine_cache(
+    cache_dir: Path, keep_onnx_sha256: Iterable[str], *, device: DeviceInfo | None = None
+) -> list[Path]:
     """Delete the plans in ``cache_dir`` (and their sidecars) built from an ONNX file that none of
-    ``keep_onnx_sha256`` (full sha256 hex digests) names; return what was deleted, sorted.
+    ``keep_onnx_sha256`` (full sha256 hex digests) names, and, given the ``device`` this runs on (with its TensorRT
+    version and compute capability known), those built for another TensorRT or GPU: after a JetPack upgrade no key
+    can name them again. Return what was deleted, sorted.
 
     The cache is keyed by the ONNX file's sha (``engine_key``), so without this every model a device ever
     served leaves its engines behind (tens to hundreds of MB each, on a device's eMMC). Only files named
@@ -455,6 +459,9 @@ def prune_engine_cache(cache_dir: Path, keep_onnx_sha256: Iterable[str]) -> list
     Runtime's own cache, a build's temporary file) is left alone. A missing folder is an empty cache.
     """
     keep = {sha[:16] for sha in keep_onnx_sha256}
+    here: tuple[str, str] | None = None
+    if device is not None and device.tensorrt_version and device.compute_capability:
+        here = (device.tensorrt_version, sm_tag(device.compute_capability))
     folder = Path(cache_dir)
     if not folder.is_dir():
         return []
@@ -463,10 +470,10 @@ def prune_engine_cache(cache_dir: Path, keep_onnx_sha256: Iterable[str]) -> list
         if path.suffix not in (".plan", ".json") or not path.is_file():
             continue
         try:
-            sha16 = parse_engine_key(path.stem)["sha16"]
+            key = parse_engine_key(path.stem)
         except ValueError:
             continue
-        if sha16 not in keep:
+        if key["sha16"] not in keep or (here is not None and (key["trt_version"], key["sm"]) != here):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
                 removed.append(path)

@@ -49,7 +49,7 @@ from typing import Any, Protocol
 
 from deploy.bundle import manifest_sha256
 from deploy.durable import write_bytes_atomic
-from deploy.engines import prune_engine_cache
+from deploy.engines import probe_device, prune_engine_cache
 from deploy.manifest import BundleError, parse_manifest
 from deploy.untrusted_json import parse_untrusted_json
 from edge_daemon import __version__
@@ -768,9 +768,12 @@ class Updater:
             except (OSError, BundleError, KeyError) as exc:
                 log.warning("engine cache not pruned: cannot read the onnx sha of %s (%s)", folder, exc)
                 return
-        removed = prune_engine_cache(state_dir / "engines", keep)
+        removed = prune_engine_cache(state_dir / "engines", keep, device=probe_device())
         if removed:
-            log.info("engine cache: removed %s (models no longer kept)", ", ".join(p.name for p in removed))
+            log.info(
+                "engine cache: removed %s (models no longer kept, or built for another TensorRT or GPU)",
+                ", ".join(p.name for p in removed),
+            )
 
 
 def _entry(bundle: LoadedBundle) -> dict[str, Any]:

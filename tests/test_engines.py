@@ -80,6 +80,24 @@ def test_prune_engine_cache_keeps_only_the_named_models(tmp_path: Path) -> None:
     assert len(prune_engine_cache(tmp_path, [])) == len(kept)  # nothing kept: every engine goes
 
 
+def test_prune_engine_cache_drops_engines_of_another_tensorrt_or_gpu(tmp_path: Path) -> None:
+    """After a JetPack upgrade the kept model's engines for the old TensorRT can never be found by key again: they
+    used to stay on the eMMC until the model itself changed. Without a known TensorRT/GPU nothing is judged by it."""
+    names = [
+        f"{SHA[:16]}-trt{v}-sm{sm}-fp16-b8.{ext}"
+        for v, sm in (("10.3.0", "87"), ("10.7.0", "87"), ("10.7.0", "72"))
+        for ext in ("plan", "json")
+    ]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    unknown = dataclasses.replace(probe_device(), tensorrt_version=None)
+    assert prune_engine_cache(tmp_path, [SHA], device=unknown) == []
+    here = dataclasses.replace(probe_device(), tensorrt_version="10.7.0", compute_capability="8.7")
+    removed = prune_engine_cache(tmp_path, [SHA], device=here)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(n for n in names if "trt10.7.0-sm87" in n)
+    assert len(removed) == 4
+
+
 # ---------------------------------------------------------------------------------------------- keys
 
 
