@@ -264,11 +264,18 @@ def test_cpu_training_is_deterministic(mnist_small: Path, tmp_path: Path) -> Non
 def test_divergence_and_an_unusable_out_are_one_line(mnist_small: Path, tmp_path: Path) -> None:
     """A NaN loss used to run on to exit 0 with NaN in metrics.jsonl and no best.pt; now training stops at once, exit
     1, naming where. An --out that cannot be a folder was a traceback after every image had been decoded."""
+    few = tmp_path / "few"  # 40 images: 4 held out, too few for export's default target, which train says at once
+    (few / "train" / "good").mkdir(parents=True)
+    for p in sorted((mnist_small / "train" / "good").iterdir())[:40]:
+        shutil.copy(p, few / "train" / "good" / p.name)
     diverged = cli(
-        "train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "nan", "--epochs", "2",
-        "--image-size", "16", "--batch-size", "64", "--lr", "1e12", "--device", "cpu",
+        "train", "--model", "ae", "--data", few, "--out", tmp_path / "nan", "--epochs", "2",
+        "--image-size", "16", "--batch-size", "8", "--lr", "1e12", "--device", "cpu",
     )  # fmt: skip
     _one_line_error(diverged, 1, "training diverged at epoch 1, batch", "nan", "no checkpoint", "lower --lr")
+    assert "note: 4 held-out normal image(s) can set a threshold for a false-alarm rate no lower than about 20.0%" in (
+        diverged.stderr
+    )
     events = [json.loads(line)["event"] for line in (tmp_path / "nan" / "metrics.jsonl").read_text().splitlines()]
     assert events[-1] == "diverged" and "epoch" not in events
     (tmp_path / "afile").write_text("")

@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from trainer.calibration_floor import DEFAULT_FALSE_ALARM_RATE
 from trainer.datasets.folder import DEFAULT_WORKERS
 from trainer.errors import CapabilityError, UserError
 
@@ -189,7 +190,7 @@ def export(
     checkpoint: Annotated[str, typer.Option(help="best | last")] = "best",
     false_alarm_rate: Annotated[
         float, typer.Option(help="target false-alarm rate on held-out normal images (threshold quantile)")
-    ] = 0.005,
+    ] = DEFAULT_FALSE_ALARM_RATE,
     labelled_val: Annotated[
         Path | None, typer.Option(help="MVTec-layout folder whose test/ is a labelled validation set: F1 threshold")
     ] = None,

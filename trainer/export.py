@@ -66,6 +66,13 @@ from deploy.manifest import Calibration, GoldenSpec, InputSpecModel, Manifest
 from deploy.preprocess import InputSpec, to_float
 from deploy.preprocess_check import GOLDEN_SOURCES, golden_sources, source_name
 from deploy.signing import key_id, load_private_key
+from trainer.calibration_floor import (
+    COARSE_FACTOR,
+    DEFAULT_FALSE_ALARM_RATE,
+    images_needed,
+    resolvable_rate,
+    too_few,
+)
 from trainer.datasets.folder import FolderIndex, Sample, data_digest, load_images, scan_folder, spread_indices
 from trainer.errors import CapabilityError, UserError
 from trainer.models import Detector
@@ -505,10 +512,6 @@ def _load_held_out(cfg: RunConfig, index: FolderIndex, spec: InputSpec) -> tuple
     return held, load_images(held, spec)
 
 
-COARSE_FACTOR = 10.0
-"""A threshold is refused (unless forced) when the held-out normal images say it alarms on more than this many times
-the target rate (F1 threshold), or cannot resolve a rate below this many times the target (quantile: n images resolve
-about 1/(n+1), the rate the highest of n normal scores is exceeded at on new normal parts)."""
 MAX_HELD_OUT_ALARMS = 0.1
 """An F1 threshold (``--labelled-val``) that alarms on more than this share of the held-out normal images is refused
 (unless forced): tuned on a few labelled images, it can fall below the normal scores and alarm on most good parts."""
@@ -527,7 +530,7 @@ def _calibrate(
     force: bool = False,
 ) -> Calibration:
     """The bundle's calibration (module docstring, step 4). UserError, unless ``force``, for a threshold that the
-    held-out normal images show, or cannot rule out, to alarm far too often (``COARSE_FACTOR``,
+    held-out normal images show, or cannot rule out, to alarm far too often (``trainer.calibration_floor``,
     ``MAX_HELD_OUT_ALARMS``)."""
     s = held_scores.astype(np.float64)
     if not s.max() > s.min():  # every normalised score would be clamped to 0 or 1 around one value
@@ -538,9 +541,8 @@ def _calibrate(
     quantiles = {f"{q:g}": float(np.quantile(s, q)) for q in QUANTILES}
     held_text = f"held-out {val_fraction:.0%} of train/good ({n_held} images, the run's validation split)"
     if labelled is None:
-        resolved = 1.0 / (n_held + 1)
-        if resolved > COARSE_FACTOR * false_alarm_rate and not force:
-            need = int(np.ceil((1.0 / (COARSE_FACTOR * false_alarm_rate) - 1.0) / val_fraction))
+        if too_few(n_held, false_alarm_rate) and not force:
+            resolved, need = resolvable_rate(n_held), images_needed(false_alarm_rate, val_fraction)
             raise UserError(
                 f"only {n_held} held-out normal image(s): a threshold set on them alarms on about 1 in {n_held + 1} "
                 f"good parts ({resolved:.1%}), over {COARSE_FACTOR:g} times the --false-alarm-rate "
@@ -605,7 +607,7 @@ def export_run(
     *,
     sign_key: Path | None = None,
     checkpoint: str = "best",
-    false_alarm_rate: float = 0.005,
+    false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,
     labelled_val: Path | None = None,
     tar: bool = False,
     force_threshold: bool = False,

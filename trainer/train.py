@@ -30,6 +30,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from deploy.preprocess import InputSpec
+from trainer.calibration_floor import DEFAULT_FALSE_ALARM_RATE, images_needed, resolvable_rate, too_few
 from trainer.datasets.folder import (
     DEFAULT_WORKERS,
     FolderIndex,
@@ -270,6 +271,14 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
 
     # Data: decoded once through THE preprocessing, kept as uint8.
     tr_idx, va_idx = split_train_val(len(index.train), cfg.val_fraction, cfg.seed)
+    if too_few(len(va_idx), DEFAULT_FALSE_ALARM_RATE):
+        console.print(
+            f"[yellow]note:[/] {len(va_idx)} held-out normal image(s) can set a threshold for a false-alarm rate no "
+            f"lower than about {resolvable_rate(len(va_idx)):.1%}: export will refuse its default "
+            f"{DEFAULT_FALSE_ALARM_RATE:.1%} target unless given --force-threshold or a higher --false-alarm-rate; "
+            f"{images_needed(DEFAULT_FALSE_ALARM_RATE, cfg.val_fraction)} images in train/good are enough",
+            highlight=False,
+        )
     spec = InputSpec(mc.image_size, mc.image_size, mc.channels)
     console.print(
         f"loading {len(index.train)} training images from {cfg.data} at {spec.height}x{spec.width}x{spec.channels}"
