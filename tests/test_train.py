@@ -288,3 +288,28 @@ def test_divergence_and_an_unusable_out_are_one_line(mnist_small: Path, tmp_path
     for seed in ("-1", "99999999999999999999"):
         res = cli("train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "r", "--seed", seed)
         assert res.returncode == 2 and "Traceback" not in res.stderr and "--seed" in res.stderr, res.stderr
+
+
+def test_a_resume_on_changed_training_images_is_refused(mnist_small: Path, tmp_path: Path) -> None:
+    """A training image swapped between two sessions of one run (not a held-out one, which was already checked) used
+    to resume silently: one model trained on two data sets."""
+    data = tmp_path / "data"
+    shutil.copytree(mnist_small, data)
+    args = [
+        "train",
+        "--model",
+        "ae",
+        "--data",
+        data,
+        "--out",
+        tmp_path / "run",
+        "--image-size",
+        "16",
+        "--device",
+        "cpu",
+    ]
+    first = cli(*args, "--epochs", "1")
+    assert first.returncode == 0, first.stderr
+    images = sorted((data / "train" / "good").iterdir())
+    images[0].write_bytes(images[1].read_bytes())
+    _one_line_error(cli(*args, "--epochs", "2"), 2, "are not those", "started with", "another --out")

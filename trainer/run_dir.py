@@ -48,14 +48,17 @@ class RunConfig(BaseModel):
     held_out_digest: str = Field(
         "", description="data_digest of the held-out images (export calibrates on them); empty in older runs"
     )
+    train_digest: str = Field(
+        "", description="data_digest of every train/good image (a resume must see the same); empty in older runs"
+    )
     created: str = ""
 
     def same_run_as(self, other: RunConfig) -> list[str]:
         """Names of the settings that differ from ``other``, ignoring ``epochs`` and ``created`` (and
-        ``held_out_digest`` when either run predates it)."""
-        skip = {"epochs", "created"} | (
-            {"held_out_digest"} if "" in (self.held_out_digest, other.held_out_digest) else set()
-        )
+        a digest that either run predates)."""
+        skip = {"epochs", "created"} | {
+            k for k in ("held_out_digest", "train_digest") if "" in (getattr(self, k), getattr(other, k))
+        }
         mine, theirs = self.model_dump(exclude=skip), other.model_dump(exclude=skip)
         return sorted(k for k in mine if mine[k] != theirs[k])
 

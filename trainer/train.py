@@ -204,6 +204,7 @@ def _resolve_config(opts: TrainOptions, existing: RunConfig | None, index: Folde
         n_train=len(tr),
         n_val=len(va),
         held_out_digest=data_digest(index.root, [index.train[i] for i in va]),
+        train_digest=data_digest(index.root, index.train),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     if existing is None:
@@ -230,6 +231,11 @@ def _resolve_config(opts: TrainOptions, existing: RunConfig | None, index: Folde
             "the two; use another --out for a new run"
         )
     diff = asked.same_run_as(existing)
+    if "train_digest" in diff or "held_out_digest" in diff:
+        raise UserError(
+            f"the images in {data}/train/good are not those {opts.out} started with (a file added, removed or "
+            "changed): resuming would train one model on two data sets; use another --out for a new run"
+        )
     if diff:
         raise UserError(
             f"{opts.out} already holds a different run ({', '.join(diff)} differ); "
