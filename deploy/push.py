@@ -49,6 +49,7 @@ import hashlib
 import http.server
 import ipaddress
 import json
+import logging
 import re
 import secrets
 import socket
@@ -103,6 +104,7 @@ PENDING, ACKNOWLEDGED, SUCCEEDED, FAILED, TIMED_OUT, NOT_SENT = (
     "not sent",
 )
 _CHUNK = 256 * 1024
+log = logging.getLogger(__name__)
 _MQTT_TIMEOUT_S = 10.0
 _DEVICE_ID = re.compile(r"^[^/+#\s\x00]{1,128}$")
 # The pusher does not judge min_daemon_version: each device checks the bundle against its own version.
@@ -840,7 +842,8 @@ def _is_ipv6(text: str) -> bool:
 def _reachable_address(to_broker: str | None) -> str:
     """The address devices most likely reach this machine at, for a server bound to every interface: this end of
     the connection to the broker, unless that is loopback (the broker runs here), then the source address of the
-    default route, found without sending anything. PushError (2) when neither is a network address."""
+    default route, found without sending anything. With neither (a machine with no network route: the broker and
+    the devices are all here), 127.0.0.1, with a warning: --advertise says otherwise."""
     candidates = [to_broker]
     if to_broker is None or ipaddress.ip_address(to_broker.split("%")[0]).is_loopback:
         with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
@@ -849,10 +852,11 @@ def _reachable_address(to_broker: str | None) -> str:
     for address in candidates:
         if address and not ipaddress.ip_address(address.split("%")[0]).is_loopback:
             return address
-    raise PushError(
-        "cannot tell which address the devices reach this machine at (the broker connection is local and there is "
-        "no default route): pass --advertise HOST"
+    log.warning(
+        "the broker connection is local and there is no default route: advertising 127.0.0.1, which only devices on "
+        "this machine reach; pass --advertise HOST for others"
     )
+    return "127.0.0.1"
 
 
 def _check_url(url: str) -> str:

@@ -58,15 +58,23 @@ class CameraLane:
     # last failed to be (ROI outside the frame, backend error); ``failure`` says why
     last_scored: float = field(default_factory=time.monotonic)
     last_failed: float | None = None
+    first_failed: float | None = None  # the first failure since the last frame scored
     failure: str | None = None
     roi_checked_for: tuple[int, int] | None = None  # the frame size (h, w) the roi was last checked against
 
     def failing_for(self, now: float) -> float | None:
-        """Seconds for which frames have arrived but none was scored (each one failed), or None when the last
-        frame that came was scored or none failed."""
-        if self.last_failed is None or self.last_failed < self.last_scored:
+        """Seconds since the first of the frames that have all failed to be scored since the last one scored, or None
+        when the last frame that came was scored or none failed. (From the first failure, not the last success: a
+        pause of the source before one failed batch is no failure time.)"""
+        if self.last_failed is None or self.last_failed < self.last_scored or self.first_failed is None:
             return None
-        return now - self.last_scored
+        return now - self.first_failed
+
+    def note_failure(self, now: float, why: str) -> None:
+        """A frame of this camera could not be scored at ``now`` (monotonic seconds), for ``why``."""
+        if self.last_failed is None or self.last_failed < self.last_scored:
+            self.first_failed = now
+        self.last_failed, self.failure = now, why
 
     @property
     def camera_id(self) -> str:
@@ -200,7 +208,7 @@ class Pipeline:
             except ValueError as exc:  # an ROI that does not fit this camera's frames: counted, reported
                 lane.roi_errors += 1
                 self.last_error = f"camera {lane.camera_id}: {exc}"
-                lane.last_failed, lane.failure = time.monotonic(), str(exc)
+                lane.note_failure(time.monotonic(), str(exc))
         if not kept:
             return 0
         try:
@@ -211,7 +219,7 @@ class Pipeline:
             log.error("backend failed on a batch of %d: %s", len(kept), self.last_error)
             failed_at = time.monotonic()
             for lane, _ in kept:
-                lane.last_failed, lane.failure = failed_at, self.last_error
+                lane.note_failure(failed_at, self.last_error)
                 lane.tracker.restart_run()
             return 0
         normalised = self.bundle.calibration.normalise(np.asarray(raw, dtype=np.float64))

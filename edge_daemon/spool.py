@@ -46,6 +46,7 @@ SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 APPLICATION_ID = 0x45445350
 SCHEMA_VERSION = 1
 _COLUMNS = "id, topic, payload, kind, qos, created, attempts, size"
+_SALVAGE_CHUNK = 256  # rows copied per transaction from a damaged spool
 _T = TypeVar("_T")
 
 _SCHEMA = """
@@ -140,17 +141,34 @@ class Spool:
         except _Damaged as again:
             raise SpoolError(f"spool {self.path}: a new spool is damaged too ({again}); is the disk failing?") from None
         conn = self._db()
-        try:
+        highest = max([self._highest_id, *(r[0] for r in rows)])
+        try:  # first, on its own: whatever happens to the copy, new ids continue above every id handed out
             conn.execute("BEGIN IMMEDIATE")
-            conn.executemany(f"INSERT INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
-            highest = max([self._highest_id, *(r[0] for r in rows)])
-            if highest and not rows:
-                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (highest,))
-            elif highest:
-                conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'outbox'", (highest,))
+            conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?)", (highest,))
             conn.execute("COMMIT")
         except sqlite3.Error as e:
-            raise self._fail("copying the readable rows of the damaged spool", e) from e
+            raise self._fail("starting a new spool after damage", e) from e
+        copied = 0
+        try:  # in chunks, so that a disk too full for all of it keeps what fitted
+            for start in range(0, len(rows), _SALVAGE_CHUNK):
+                conn.execute("BEGIN IMMEDIATE")
+                conn.executemany(
+                    f"INSERT INTO outbox ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows[start : start + _SALVAGE_CHUNK],
+                )
+                conn.execute("COMMIT")
+                copied = min(len(rows), start + _SALVAGE_CHUNK)
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # the copy's WAL would stay as big as the spool
+        except sqlite3.Error as e:
+            self._fail("copying the readable rows of the damaged spool", e)
+            log.error(
+                "spool %s: copied %d of the %d readable message(s) before %s; the rest stay in %s",
+                self.path,
+                copied,
+                len(rows),
+                e,
+                self.set_aside.name,
+            )
         self._reload_counts()
         log.error(
             "spool %s is damaged (%s): set aside as %s; a new spool serves with the %d message(s) that could still be "
@@ -209,8 +227,14 @@ class Spool:
         return len(header) == 72 and int.from_bytes(header[68:72], "big") == APPLICATION_ID
 
     def _set_aside(self) -> Path:
-        """Move the damaged spool and its -wal/-shm to ``<name>.corrupt-<unix time>[-wal|-shm]``; its new path."""
-        target = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
+        """Move the damaged spool and its -wal/-shm to ``<name>.corrupt-<unix time>[.<n>][-wal|-shm]`` (never over an
+        earlier one); its new path."""
+        stamp = int(time.time())
+        target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}")
+        n = 1
+        while any(target.with_name(target.name + s).exists() for s in ("", "-wal", "-shm")):  # never overwrite one
+            n += 1
+            target = self.path.with_name(f"{self.path.name}.corrupt-{stamp}.{n}")
         for suffix in ("-wal", "-shm", ""):  # the main file last: until it moves, a restart finds the damage again
             source = self.path.with_name(self.path.name + suffix)
             if source.exists():

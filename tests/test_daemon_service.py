@@ -384,3 +384,23 @@ def test_an_event_whose_frames_stop_being_scored_ends_and_the_camera_says_why(
         wait_until(lambda: pipeline.step() >= 0 and camera.status.state == "online", 10, "camera online")
     finally:
         camera.stop()
+
+
+def test_failing_time_runs_from_the_first_failure_not_the_last_success(line: LineVideo) -> None:
+    """A source that pauses (a paced file, a stalled pipeline thread) and then fails one batch has not been failing for
+    the whole pause: counting from the last success ended its open event ('scoring_failed') after a single failure."""
+    from edge_daemon.capture.camera import Camera
+    from edge_daemon.events import CropTuning, EventTracker, EventTuning
+    from edge_daemon.pipeline import CameraLane
+
+    lane = CameraLane(Camera("cam0", str(line.video)), EventTracker("cam0", "dev", EventTuning(), CropTuning()))
+    lane.last_scored = 100.0
+    assert lane.failing_for(130.0) is None
+    lane.note_failure(130.0, "backend: RuntimeError")  # 30 s after the last frame scored: the first failure
+    assert lane.failing_for(130.5) == 0.5
+    lane.note_failure(135.0, "backend: RuntimeError")
+    assert lane.failing_for(141.0) == 11.0 and lane.failure == "backend: RuntimeError"
+    lane.last_scored = 142.0  # scored again: not failing; the next failure starts a new count
+    assert lane.failing_for(143.0) is None
+    lane.note_failure(150.0, "roi")
+    assert lane.failing_for(151.0) == 1.0

@@ -229,3 +229,22 @@ def test_damage_found_while_running_keeps_every_readable_message(tmp_path: Path)
         assert [m.id for m in spool.pending()] == [new]
     with Spool(path, 100_000_000) as spool:  # the new file is sound and remembers its ids
         assert spool.set_aside is None and spool.last_id() == new and spool.depth() == (1, 2)
+
+
+def test_damaged_spools_set_aside_in_the_same_second_are_all_kept(tmp_path: Path) -> None:
+    """Set-aside names carried whole seconds, so a second damage within the same second replaced the first damaged
+    file, which the docstring promises to keep for recovery."""
+    path = tmp_path / "spool.db"
+    aside = []
+    for round_ in range(3):
+        with Spool(path, 10_000_000) as spool:
+            spool.put("p/cam0/events", f"round {round_}".encode(), "event")
+        with sqlite3.connect(path) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        data = bytearray(path.read_bytes())
+        data[:16] = bytes(16)
+        path.write_bytes(data)
+        with Spool(path, 10_000_000) as spool:
+            assert spool.set_aside is not None
+            aside.append(spool.set_aside)
+    assert len(set(aside)) == 3 and all(p.is_file() for p in aside), aside

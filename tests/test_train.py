@@ -272,7 +272,9 @@ def test_divergence_and_an_unusable_out_are_one_line(mnist_small: Path, tmp_path
         "train", "--model", "ae", "--data", few, "--out", tmp_path / "nan", "--epochs", "2",
         "--image-size", "16", "--batch-size", "8", "--lr", "1e12", "--device", "cpu",
     )  # fmt: skip
-    _one_line_error(diverged, 1, "training diverged at epoch 1, batch", "nan", "no checkpoint", "lower --lr")
+    _one_line_error(
+        diverged, 1, "training diverged at epoch 1, batch", "nan", "no checkpoint", "a new --out with a lower --lr"
+    )
     assert "note: 4 held-out normal image(s) can set a threshold for a false-alarm rate no lower than about 20.0%" in (
         diverged.stderr
     )

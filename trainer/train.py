@@ -414,7 +414,6 @@ def _float_batches(images: torch.Tensor, device: torch.device) -> Iterator[torch
         yield images[i : i + EVAL_BATCH].to(device).float().div_(255.0)
 
 
-@torch.no_grad()
 def _diverged(run: Path, epoch: int, where: str, losses: dict[str, float], lr: Any) -> NoReturn:
     """Record the divergence in metrics.jsonl and raise Diverged (nothing of the diverged epoch is saved)."""
     append_metrics(
@@ -426,9 +425,13 @@ def _diverged(run: Path, epoch: int, where: str, losses: dict[str, float], lr: A
         if (run / CHECKPOINTS / "last.pt").is_file()
         else "no epoch finished, so there is no checkpoint"
     )
-    raise Diverged(f"training diverged at epoch {epoch}, {where}: {shown}; {kept}; try a lower --lr (now {lr})")
+    raise Diverged(
+        f"training diverged at epoch {epoch}, {where}: {shown}; {kept}; train again into a new --out with a lower "
+        f"--lr (now {lr})"
+    )
 
 
+@torch.no_grad()
 def validation_loss(model: Detector, images: torch.Tensor, device: torch.device) -> float:
     """Mean of ``model.validation_loss`` over held-out uint8 images, in eval mode."""
     model.eval()
