@@ -15,6 +15,10 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pytest
 
 PREBUILT_ENV = "EDGE_INSPECT_TEST_BUNDLE"
 
@@ -124,3 +128,17 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def watch_unpacking(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[Path]:
+    """The destinations of every ``module.safe_extract`` call from now on, in order. The real unpacker still runs:
+    this watches, it does not replace (for tests that a tar is judged before anything of it is written)."""
+    unpacked: list[Path] = []
+    real_extract = module.safe_extract
+
+    def watched_extract(tar: Path, dest: Path, **kwargs: int) -> None:
+        unpacked.append(dest)
+        real_extract(tar, dest, **kwargs)
+
+    monkeypatch.setattr(module, "safe_extract", watched_extract)
+    return unpacked

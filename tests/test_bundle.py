@@ -44,6 +44,7 @@ from deploy.manifest import (
 )
 from deploy.preprocess import InputSpec
 from deploy.signing import generate_keypair, key_id, load_private_key, load_public_key, sign_manifest
+from tests.bundle_factory import watch_unpacking
 
 H = W = 8
 
@@ -295,14 +296,7 @@ def test_a_tar_is_judged_by_its_signed_manifest_before_anything_is_unpacked(
         (bundle / "golden" / "maps.npy").unlink()
     tar_path = tmp_path / "bundle.tar"
     pack_tar(bundle, tar_path)
-    unpacked: list[Path] = []
-    real_extract = deploy.bundle.safe_extract
-
-    def watched_extract(tar: Path, dest: Path, **kwargs: int) -> None:
-        unpacked.append(dest)
-        real_extract(tar, dest, **kwargs)
-
-    monkeypatch.setattr(deploy.bundle, "safe_extract", watched_extract)
+    unpacked = watch_unpacking(monkeypatch, deploy.bundle)
     with pytest.raises(BundleError, match=message):
         verify_tar_manifest(tar_path, [keys[1]])
     with pytest.raises(BundleError, match=message):

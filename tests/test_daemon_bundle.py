@@ -14,6 +14,7 @@ from deploy.bundle import pack_tar, sign_bundle
 from deploy.manifest import BundleError, sha256_file
 from deploy.signing import generate_keypair
 from edge_daemon.model import load_bundle
+from tests.bundle_factory import watch_unpacking
 from tests.conftest import SignedBundle
 
 
@@ -97,14 +98,7 @@ def test_a_tar_no_trusted_key_signed_is_refused_before_anything_is_unpacked(
     sign_bundle(folder, stranger_private)
     stranger_tar = tmp_path / "stranger.tar"
     pack_tar(folder, stranger_tar)
-    unpacked: list[Path] = []
-    real_extract = edge_daemon.model.safe_extract
-
-    def watched_extract(tar: Path, dest: Path, **kwargs: int) -> None:
-        unpacked.append(dest)
-        real_extract(tar, dest, **kwargs)
-
-    monkeypatch.setattr(edge_daemon.model, "safe_extract", watched_extract)
+    unpacked = watch_unpacking(monkeypatch, edge_daemon.model)
     state = tmp_path / "state"
     with pytest.raises(BundleError, match="signed by an untrusted key"):
         load_bundle(stranger_tar, [signed_bottle_bundle.public_key], state)
