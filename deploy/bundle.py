@@ -28,7 +28,7 @@ import shutil
 import stat
 import tarfile
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -234,6 +234,23 @@ def _verify_manifest(
     return manifest, signer
 
 
+def _check_listing(manifest: Manifest, present: Iterable[str]) -> None:
+    """BundleError unless the files ``present`` (bundle-relative names; manifest.json and signature aside) are
+    exactly the ones the manifest lists: the first missing one, else the first unexpected one."""
+    names = set(present)
+    for name in sorted(manifest.files):
+        if name not in names:
+            raise BundleError(f"file {name} listed in the manifest is missing")
+    for name in sorted(names):
+        if name not in manifest.files and name not in RESERVED_NAMES:
+            raise BundleError(f"unexpected file {name}: not listed in the manifest")
+
+
+def _check_size(name: str, size: int, entry: FileEntry) -> None:
+    if size != entry.size:
+        raise BundleError(f"file {name} was changed: {size} bytes, the manifest says {entry.size}")
+
+
 def _verify_dir(
     root: Path,
     trusted_keys: Sequence[Path],
@@ -258,20 +275,14 @@ def _verify_dir(
         require_signature=require_signature and check_signature,
     )
     present = _scan_dir(root)
-    for name in sorted(manifest.files):
-        if name not in present:
-            raise BundleError(f"file {name} listed in the manifest is missing")
-    for name in sorted(present):
-        if name not in manifest.files and name not in RESERVED_NAMES:
-            raise BundleError(f"unexpected file {name}: not listed in the manifest")
+    _check_listing(manifest, present)
     for name, entry in sorted(manifest.files.items()):
         try:
             size = present[name].stat().st_size
             digest = file_digest(present[name])[0] if size == entry.size else None
         except OSError as exc:  # e.g. a file the service user may not read
             raise BundleError(f"cannot read bundle file {name}: {exc.strerror or exc}") from None
-        if size != entry.size:
-            raise BundleError(f"file {name} was changed: {size} bytes, the manifest says {entry.size}")
+        _check_size(name, size, entry)
         if digest != entry.sha256:
             raise BundleError(f"file {name} was changed: its sha256 does not match the manifest")
     return VerifiedBundle(manifest, signer, hashlib.sha256(manifest_bytes).hexdigest())
@@ -604,14 +615,9 @@ def verify_tar_manifest(
     manifest, _ = _verify_manifest(
         manifest_bytes, sig_raw, trusted_keys, daemon_version=daemon_version, require_signature=require_signature
     )
+    _check_listing(manifest, files)
     for name, entry in sorted(manifest.files.items()):
-        if name not in files:
-            raise BundleError(f"file {name} listed in the manifest is missing")
-        if files[name].size != entry.size:
-            raise BundleError(f"file {name} was changed: {files[name].size} bytes, the manifest says {entry.size}")
-    for name in sorted(files):
-        if name not in manifest.files and name not in RESERVED_NAMES:
-            raise BundleError(f"unexpected file {name}: not listed in the manifest")
+        _check_size(name, files[name].size, entry)
 
 
 def safe_extract(
