@@ -96,20 +96,22 @@ def _is_image(entry: os.DirEntry[str]) -> bool:
 
 def _images_in(folder: Path) -> list[Path]:
     """Image files directly inside ``folder`` (not recursive), sorted by name; [] if it is absent."""
+    return _listing(folder)[0]
+
+
+def _listing(folder: Path) -> tuple[list[Path], list[str]]:
+    """``_images_in(folder)``, and the names of what it leaves out (sub-folders with a trailing '/', files of other
+    types; hidden entries aside), sorted: one listing of the folder, so that no image is skipped without a word."""
     if not folder.is_dir():
-        return []
+        return [], []
+    images, others = [], []
     with os.scandir(folder) as it:
-        names = sorted(e.name for e in it if _is_image(e))
-    return [folder / n for n in names]
-
-
-def _not_read(folder: Path) -> list[str]:
-    """What ``_images_in`` leaves out of ``folder`` (sub-folders with a trailing '/', files of other types), hidden
-    entries aside, sorted: said when a data folder is scanned, so that no image is skipped without a word."""
-    with os.scandir(folder) as it:
-        return sorted(
-            e.name + ("/" if e.is_dir() else "") for e in it if not e.name.startswith(".") and not _is_image(e)
-        )
+        for e in it:
+            if _is_image(e):
+                images.append(e.name)
+            elif not e.name.startswith("."):
+                others.append(e.name + ("/" if e.is_dir() else ""))
+    return [folder / n for n in sorted(images)], sorted(others)
 
 
 def _subfolders(folder: Path) -> list[str]:
@@ -148,10 +150,10 @@ def scan_folder(root: Path, *, need_test: bool = True) -> FolderIndex:
     train_dir = root / "train" / GOOD
     if not train_dir.is_dir():
         raise DatasetError(f"data folder {root} has no train/good folder (expected the MVTec AD layout)")
-    train = [Sample(p, 0, GOOD, None) for p in _images_in(train_dir)]
+    train_images, ignored = _listing(train_dir)
+    train = [Sample(p, 0, GOOD, None) for p in train_images]
     if not train:
         raise DatasetError(f"{train_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    ignored = _not_read(train_dir)
     if ignored:
         shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
         log.warning("%s: %d entr%s not read: %s", train_dir, len(ignored), "y" if len(ignored) == 1 else "ies", shown)
