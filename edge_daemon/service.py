@@ -348,16 +348,14 @@ class Daemon:
     # ------------------------------------------------------------------------------------- outbox
 
     def _send(self, message: Outgoing) -> None:
-        link = self.link
-        assert link is not None
-
-        def to_outbox(m: Outgoing) -> None:
-            link.send(m.suffix, m.payload, m.kind)
-
         if self.open_events is None:
-            to_outbox(message)
+            self._to_outbox(message)
         else:
-            self.open_events.send_noted(message, to_outbox)
+            self.open_events.send_noted(message, self._to_outbox)
+
+    def _to_outbox(self, message: Outgoing) -> None:
+        assert self.link is not None
+        self.link.send(message.suffix, message.payload, message.kind)
 
     # ------------------------------------------------------------------------------------- retained states
 
