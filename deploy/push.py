@@ -26,16 +26,20 @@ What ``push`` does:
    reported as skipped.
 4. Publishes ``<prefix>/<device>/model/set`` = {"request_id", "url", "sha256", "version"} (QoS 1, not retained,
    a fresh uuid4 hex request_id per device) and follows the retained ``<prefix>/<device>/model/state``; a
-   state whose request_id is not ours (an older request, somebody else's push) is ignored.
+   state whose request_id is not ours (an older request, somebody else's push) is ignored. The connection is
+   MQTT 5 where the broker speaks it (else 3.1.1): a command the broker refuses (an ACL without write access to
+   model/set) is then reported at once as not sent, with the broker's reason, instead of a device that never
+   answers.
 5. Ends when every device has finished (``wait=True``: active, refused or rolled_back) or acknowledged
    (``wait=False``: any phase of our request; when this process serves the bundle, a phase past
    ``downloading``, since the server stops when push returns), or at ``timeout``.
 
 Exit codes of the CLI (``PushReport.exit_code``, ``PushError.code``): 0 every device active (``wait``) or
-acknowledged (no ``wait``); 1 some device failed, refused, rolled back or timed out, or a device matching the glob
-was skipped (not online: it still runs the old model); 2 bad input, and then nothing was sent to any device
-(missing/unsigned/broken bundle, bad or unreachable broker address, bad credentials, no matching online device, a
-device id with no status under the prefix). A device that already serves the bundle answers ``active``.
+acknowledged (no ``wait``); 1 some device failed, refused, rolled back or timed out, a device matching the glob
+was skipped (not online: it still runs the old model), or the broker refused a command; 2 bad input, and then
+nothing was sent to any device (missing/unsigned/broken bundle, bad or unreachable broker address, bad
+credentials, no read access to the devices' topics, no matching online device, a device id with no status under
+the prefix). A device that already serves the bundle answers ``active``.
 
 paho-mqtt (the ``daemon`` extra) and rich (installed with typer) are imported only when needed, with a clear
 error when missing. Python 3.10 compatible; never imports torch or edge_daemon.
@@ -106,6 +110,9 @@ PENDING, ACKNOWLEDGED, SUCCEEDED, FAILED, TIMED_OUT, NOT_SENT = (
 _CHUNK = 256 * 1024
 log = logging.getLogger(__name__)
 _MQTT_TIMEOUT_S = 10.0
+# CONNACK reason codes that say "this broker does not speak MQTT 5": 0x84 in MQTT 5; a 3.1.1-only broker answers
+# a v5 CONNECT with the 3.1.1 return code 1 (unacceptable protocol version). Same as the daemon's.
+_UNSUPPORTED_PROTOCOL_CODES = frozenset({0x84, 0x01})
 _DEVICE_ID = re.compile(r"^[^/+#\s\x00]{1,128}$")
 # The pusher does not judge min_daemon_version: each device checks the bundle against its own version.
 _ANY_DAEMON_VERSION = "999999"
@@ -489,6 +496,10 @@ def _status_text(payload: bytes) -> str | None:
 class _Link:
     """One MQTT connection for a push: records devices' retained status and routes model/state messages.
 
+    MQTT 5 first, so that a broker that refuses a command (an ACL without write access to model/set) says so in
+    its PUBACK (``refusal``); a broker that does not speak MQTT 5 (it answers "unsupported protocol" or hangs up
+    before its CONNACK) is asked again in MQTT 3.1.1, where a refused command is only a device that never
+    answers. ``protocol`` says which one was used.
     Callbacks run on paho's network thread and never raise (bad payloads from the network are dropped).
     """
 
@@ -500,21 +511,42 @@ class _Link:
         self.on_state: Callable[[str, dict[str, Any], float], None] | None = None
         self._filters: list[str] = []
         self._pending_subs: dict[int, threading.Event] = {}
-        self._connack: Any = None
+        self._refused_subs: dict[int, str] = {}  # mid -> the SUBACK's failure reason(s)
         self._connected = threading.Event()
         self._refused: str | None = None
+        self._refused_code: int | None = None  # CONNACK reason code of a refusal; None when hung up on
+        self._refused_publishes: dict[int, str] = {}  # mid -> the broker's PUBACK reason (MQTT 5 only)
         self._client: Any = None
+        self.protocol = "5"
 
     # -- connection
     def connect(self) -> None:
-        """Connect and wait for CONNACK; PushError (2) naming why not (nothing has been sent yet)."""
+        """Connect (MQTT 5, else 3.1.1) and wait for CONNACK; PushError (2) naming why not (nothing has been sent
+        yet)."""
+        try:
+            self._connect_as("5")
+        except PushError:
+            if self._refused is None or (self._refused_code not in _UNSUPPORTED_PROTOCOL_CODES | {None}):
+                raise  # not about the protocol: unreachable, bad credentials, no CONNACK at all
+            first = self._refused
+            log.info("the broker refused or hung up on MQTT 5 (%s): trying MQTT 3.1.1", first)
+            self._connected.clear()
+            self._refused = self._refused_code = None
+            self.protocol = "3.1.1"
+            try:
+                self._connect_as("3.1.1")
+            except PushError as exc:
+                raise PushError(f"{exc} (and in MQTT 5: {first})") from None
+
+    def _connect_as(self, protocol: str) -> None:
         mqtt = _import_paho()
         s = self.settings
+        v5 = protocol == "5"
         client = mqtt.Client(
             mqtt.CallbackAPIVersion.VERSION2,
             client_id=f"edge-deploy-push-{uuid.uuid4().hex[:12]}",
-            protocol=mqtt.MQTTv311,
-            clean_session=True,
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else True,
         )
         client.reconnect_delay_set(0.5, 5)
         if s.username is not None:
@@ -535,9 +567,13 @@ class _Link:
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
         client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
         self._client = client
         try:
-            client.connect(s.host, s.port, s.keepalive)
+            if v5:
+                client.connect(s.host, s.port, s.keepalive, clean_start=True)
+            else:
+                client.connect(s.host, s.port, s.keepalive)
         except socket.gaierror as exc:
             raise PushError(f"broker host {s.host!r} does not resolve: {exc.strerror or exc}") from None
         except Exception as exc:  # OSError (refused, unreachable, timeout), ssl errors
@@ -553,6 +589,7 @@ class _Link:
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if getattr(reason, "is_failure", False):
             self._refused = str(reason)
+            self._refused_code = int(getattr(reason, "value", -1))
             if "authori" in self._refused.lower() or "password" in self._refused.lower():
                 self._refused += " (check --username / --password-file)"
             self._connected.set()
@@ -572,8 +609,15 @@ class _Link:
     def _on_subscribe(self, client: Any, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
         with self.cond:
             event = self._pending_subs.pop(mid, None)
+            if event is not None and any(getattr(r, "is_failure", False) for r in reasons):
+                self._refused_subs[mid] = ", ".join(sorted({str(r) for r in reasons if r.is_failure}))
         if event is not None:
             event.set()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
+        if getattr(reason, "is_failure", False):
+            with self.cond:
+                self._refused_publishes[mid] = str(reason)
 
     def _on_message(self, client: Any, userdata: Any, message: Any) -> None:
         with contextlib.suppress(Exception):  # never let a payload from the network end paho's thread
@@ -614,6 +658,13 @@ class _Link:
             self._pending_subs[mid] = event
         if not event.wait(_MQTT_TIMEOUT_S):
             raise PushError(f"the broker did not acknowledge the subscription to {', '.join(filters)}", 1)
+        with self.cond:
+            refused = self._refused_subs.pop(mid, None)
+        if refused is not None:  # nothing has been sent yet
+            raise PushError(
+                f"the broker refused the subscription to {', '.join(filters)} ({refused}): this user needs read "
+                "access to the devices' status and model/state topics"
+            )
 
     def publish(self, topic: str, payload: bytes) -> Any:
         """QoS 1, not retained; returns paho's message info for ``acknowledged``. While the connection is down paho
@@ -629,6 +680,13 @@ class _Link:
             return bool(info.is_published())
         except (RuntimeError, ValueError):
             return False
+
+    def refusal(self, info: Any) -> str | None:
+        """The broker's reason for refusing the acknowledged message of ``info`` (a PUBACK reason code of 0x80 or
+        more, e.g. "Not authorized"), or None. MQTT 3.1.1 has no such answer: there a refused message looks sent.
+        """
+        with self.cond:
+            return self._refused_publishes.get(info.mid)
 
     def local_address(self) -> str | None:
         """This machine's address on the socket that reaches the broker (what devices most likely reach too)."""
@@ -1014,6 +1072,14 @@ def push(
             if not link.acknowledged(message, puback_deadline):  # lost connection, stalled broker: paho resends it,
                 with link.cond:  # and the device may still answer, so it is followed until the timeout
                     r.reason = r.reason or "the broker has not acknowledged the command (no PUBACK)"
+            elif (refused := link.refusal(message)) is not None:  # it never reaches the device
+                with link.cond:
+                    r.outcome = NOT_SENT
+                    r.elapsed_s = time.monotonic() - (r.sent_at or started)
+                    r.reason = (
+                        f"the broker refused the command ({refused}): this user needs write access to "
+                        f"{topic_prefix}/{r.device}/model/set"
+                    )
 
         next_progress, reported = 0.0, -1
         while True:

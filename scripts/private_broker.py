@@ -233,6 +233,8 @@ class Broker(_BrokerProcess):
     (mosquitto writes them when it stops on SIGTERM; a SIGKILL loses what was not saved).
     ``allow_anonymous``: False refuses every client (no password file): a broker with bad credentials.
     ``tls``: serve TLS only, with these files; the client must present a certificate signed by the CA.
+    ``acl``: the text of an ACL file (mosquitto's acl_file format); its leading ``topic`` lines apply to anonymous
+    clients, and every topic they do not grant is denied.
     """
 
     name = "mosquitto"
@@ -245,11 +247,13 @@ class Broker(_BrokerProcess):
         persistence: bool = False,
         allow_anonymous: bool = True,
         tls: TlsFiles | None = None,
+        acl: str | None = None,
     ) -> None:
         super().__init__(workdir, port=port)
         self.persistence = persistence
         self.allow_anonymous = allow_anonymous
         self.tls = tls
+        self.acl = acl
 
     def _write_config(self) -> Path:
         lines = [
@@ -273,6 +277,10 @@ class Broker(_BrokerProcess):
                 f"keyfile {self.tls.server_key}",
                 "require_certificate true",
             ]
+        if self.acl is not None:
+            acl_file = self.workdir / "acl"
+            acl_file.write_text(self.acl)
+            lines.append(f"acl_file {acl_file}")
         if os.geteuid() == 0:
             # As root mosquitto drops to the "mosquitto" user, which could not write our workdir.
             lines.append(f"user {getpass.getuser()}")

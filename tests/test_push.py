@@ -44,7 +44,7 @@ from deploy.push import (
 )
 from deploy.signing import generate_keypair
 from tests.conftest import REPO, SignedBundle
-from tests.mqtt_broker import HOST, Broker, Subscriber, broker, make_test_pki, publish
+from tests.mqtt_broker import HOST, Broker, EmbeddedBroker, Subscriber, broker, make_test_pki, publish
 
 __all__ = ["broker"]  # the fixture, imported for pytest
 
@@ -553,3 +553,32 @@ def test_an_advertised_host_with_a_port_is_refused(broker: Broker, bundle_tar: P
     """The port is the server's (--serve): --advertise 10.0.0.5:8080 made http://[10.0.0.5:8080]:PORT/..."""
     with pytest.raises(PushError, match="the port is the server's"):
         push(bundle_tar, ["line7-a"], settings(broker), advertise="10.0.0.5:8080")
+
+
+def test_a_command_the_broker_refuses_is_reported_at_once(tmp_path: Path, bundle_tar: Path) -> None:
+    """A broker whose ACL gives this user no write access to model/set drops the command. Push speaks MQTT 5, where
+    the PUBACK says "Not authorized": the device is reported as not sent, with that reason, at once (on MQTT 3.1.1
+    the command vanished and push waited the whole --timeout, 600 s by default, for a device that never heard of
+    it)."""
+    acl = f"topic readwrite {PREFIX}/+/status\ntopic readwrite {PREFIX}/+/model/state\n"
+    with Broker(tmp_path / "acl", acl=acl) as acl_broker:
+        publish(acl_broker.port, f"{PREFIX}/line8-a/status", b"online", retain=True)
+        started = time.monotonic()
+        report = push(bundle_tar, ["line8-a"], settings(acl_broker), wait=True, timeout=600, serve="127.0.0.1:0")
+        assert time.monotonic() - started < 60
+    (r,) = report.devices
+    assert r.outcome == "not sent", report.to_json()
+    assert "Not authorized" in (r.reason or "") and f"{PREFIX}/line8-a/model/set" in (r.reason or "")
+    assert report.exit_code == 1
+
+
+def test_push_falls_back_to_mqtt_3_1_1_on_a_broker_without_mqtt_5(tmp_path: Path, bundle_tar: Path) -> None:
+    """amqtt speaks only MQTT 3.1.1 and hangs up on an MQTT 5 CONNECT: push asks again in 3.1.1 and the whole push
+    goes through."""
+    with EmbeddedBroker(tmp_path / "amqtt") as old_broker:
+        device = ScriptedDevice(old_broker.port, "line8-b", "ok").start()
+        try:
+            report = push(bundle_tar, ["line8-b"], settings(old_broker), wait=True, timeout=60, serve="127.0.0.1:0")
+        finally:
+            device.stop()
+    assert [r.outcome for r in report.devices] == ["active"], report.to_json()
