@@ -193,7 +193,7 @@ class _Session:
     ended: bool = False
     backlog_upto: int = 0  # rows with id <= this were stored before this connection was up: replayed
     sent_upto: int = 0  # highest row id handed to this client
-    inflight: dict[int, int] = field(default_factory=dict)  # paho mid -> row id (sender thread only)
+    inflight: dict[int, tuple[int, str]] = field(default_factory=dict)  # paho mid -> (row id, topic); sender only
     max_packet: int | None = None  # the broker's Maximum Packet Size (MQTT 5), bytes
     dropped_why: str | None = None  # why we dropped the connection ourselves
 
@@ -737,12 +737,18 @@ class MqttLink:
     def _apply_acks(self, acks: list[tuple[_Session, int, int, str]]) -> None:
         done: list[int] = []
         for session, mid, value, text in acks:
-            row_id = session.inflight.pop(mid, None)
-            if row_id is None:
+            sent = session.inflight.pop(mid, None)
+            if sent is None:
                 continue  # status, retained values, stats
-            if value >= 0x80:
+            row_id, topic = sent
+            if value >= 0x80:  # MQTT 5 only: a 3.1.1 broker drops what it refuses without a word
+                # The broker's decision (an ACL, a quota), not an outage: sending it again would be refused again.
                 self._count("rejected")
-                log.error("broker refused spooled message %d: %s (reason code %#x); it is dropped", row_id, text, value)
+                why = f"the broker refused a message on {topic}: {text} (reason code {value:#x}); it is dropped"
+                if value == 0x87:
+                    why += " (check the broker's ACL: this device's user needs write access to its topics)"
+                self._set_error(why)
+                log.error("spooled message %d: %s", row_id, why)
             done.append(row_id)
         if done:
             try:
@@ -754,7 +760,7 @@ class MqttLink:
 
     def _retire(self, session: _Session) -> None:
         """A connection ended: its unacknowledged rows stay in the spool, with one more attempt."""
-        left = list(session.inflight.values())
+        left = [row_id for row_id, _ in session.inflight.values()]
         session.inflight.clear()
         if left:
             try:
@@ -786,7 +792,7 @@ class MqttLink:
             except (ValueError, TypeError) as e:
                 self._reject(row.id, str(e))
                 continue
-            session.inflight[info.mid] = row.id
+            session.inflight[info.mid] = (row.id, row.topic)
             self._count("published")
             if replayed:
                 self._count("replayed")

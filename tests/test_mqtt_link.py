@@ -580,3 +580,28 @@ def test_tls_with_client_certificate(tmp_path: Path) -> None:
         anonymous.stop(drain_timeout_s=0)
         broker.stop()
         spool.close()
+
+
+def test_a_message_the_broker_refuses_is_dropped_and_the_link_says_why(tmp_path: Path) -> None:
+    """MQTT 5: a broker whose ACL denies the events topic answers "Not authorized" in the PUBACK. Sending it again
+    would be refused again, so it is dropped and counted, and the link's last_error (healthz) names the topic and
+    the ACL (it was only a log line); what the ACL allows still goes out."""
+    allowed = f"{P}/cam0/allowed"
+    with (
+        Broker(tmp_path / "acl", acl=f"topic readwrite {allowed}\n") as broker,
+        Subscriber(broker.port, allowed) as sub,
+    ):
+        spool = Spool(tmp_path / "spool.db", 1_000_000)
+        link = make_link(broker.port, spool)
+        link.start()
+        wait_until(lambda: link.connected, "the connection")
+        link.send("cam0/events", event(0), "event")
+        link.send("cam0/allowed", event(1), "event")
+        sub.wait_for(lambda m: len(m) == 1, what="the allowed message")
+        wait_until(lambda: link.stats()["spool_depth"] == 0, "both messages acknowledged")
+        stats = link.stats()
+        assert stats["protocol"] == "5" and stats["rejected"] == 1 and stats["acked"] == 2
+        assert f"{P}/cam0/events" in stats["last_error"] and "Not authorized" in stats["last_error"]
+        assert "ACL" in stats["last_error"]
+        assert link.stop() is True
+        spool.close()
