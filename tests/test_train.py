@@ -315,3 +315,14 @@ def test_a_resume_on_changed_training_images_is_refused(mnist_small: Path, tmp_p
     images = sorted((data / "train" / "good").iterdir())
     images[0].write_bytes(images[1].read_bytes())
     _one_line_error(cli(*args, "--epochs", "2"), 2, "are not those", "started with", "another --out")
+
+
+def test_a_finished_run_given_fewer_epochs_keeps_its_own(mnist_small: Path, tmp_path: Path) -> None:
+    """The same command with a smaller --epochs on a run that trained more used to rewrite config.json to the smaller
+    number (export then put it in the bundle) and say the run had trained that many."""
+    args = ["train", "--model", "ae", "--data", mnist_small, "--out", tmp_path / "run", "--image-size", "16"]
+    assert cli(*args, "--epochs", "2", "--device", "cpu").returncode == 0
+    again = cli(*args, "--epochs", "1", "--device", "cpu")
+    assert again.returncode == 0, again.stderr
+    assert "has already trained 2 epoch(s); pass --epochs 3 or more to train on" in again.stderr
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2

@@ -306,9 +306,22 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
         console.print(f"resuming {run} at epoch {start_epoch}, batch {start_batch}")
     else:
         model.before_training(lambda: _float_batches(train_x, device))
+    if start_epoch > cfg.epochs:  # nothing to train; config.json keeps the run's own epochs, not this --epochs
+        done = start_epoch - 1
+        partly = f" and part of epoch {start_epoch}" if start_batch else ""
+        console.print(
+            f"{run} has already trained {done} epoch(s){partly}; pass --epochs {start_epoch if partly else done + 1} "
+            "or more to train on"
+        )
+        return TrainResult(
+            run=run,
+            epochs_done=done,
+            epochs_run=0,
+            best_val_loss=best_val,
+            seconds_per_epoch=float("nan"),
+            device=str(device),
+        )
     write_json_atomic(run / CONFIG_FILE, cfg.model_dump())
-    if start_epoch > cfg.epochs:
-        console.print(f"{run} has already trained {cfg.epochs} epochs; pass a larger --epochs to train on")
 
     def checkpoint(epoch: int, batch: int) -> None:
         save_torch_atomic(
