@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -326,3 +327,38 @@ def test_a_finished_run_given_fewer_epochs_keeps_its_own(mnist_small: Path, tmp_
     assert again.returncode == 0, again.stderr
     assert "has already trained 2 epoch(s); pass --epochs 3 or more to train on" in again.stderr
     assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 2
+
+
+def test_pixel_auroc_leaves_out_anomalous_images_without_a_mask(
+    shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An anomalous test image whose mask is missing (here: misnamed) used to count as all-normal pixels, silently
+    lowering pixel AUROC. It is now left out, with a note, and the misnamed mask file is named in a warning: the
+    figure equals the one on the folder without that image."""
+    from trainer.datasets.folder import scan_folder
+
+    src = scan_folder(shared_data / "bsdata_pitting")
+    data = tmp_path / "data"
+    for s in [*src.train[:24], *[t for t in src.test if t.label == 0][:3], *[t for t in src.test if t.label == 1][:4]]:
+        part = "train" if s in src.train else "test"
+        (data / part / s.defect).mkdir(parents=True, exist_ok=True)
+        shutil.copy(s.path, data / part / s.defect / s.path.name)
+        if s.mask is not None:
+            (data / "ground_truth" / s.defect).mkdir(parents=True, exist_ok=True)
+            shutil.copy(s.mask, data / "ground_truth" / s.defect / s.mask.name)
+    run = tmp_path / "run"
+    opts = TrainOptions(model="ae", data=data, out=run, epochs=1, batch_size=8, image_size=32, device="cpu")
+    train(replace(opts, model_options=TINY))
+    without = tmp_path / "without"
+    shutil.copytree(data, without)
+    first = sorted((data / "test" / "pitting").iterdir())[0]
+    (without / "test" / "pitting" / first.name).unlink()
+    (without / "ground_truth" / "pitting" / f"{first.stem}_mask.png").unlink()
+    mask = data / "ground_truth" / "pitting" / f"{first.stem}_mask.png"
+    mask.rename(mask.with_name(f"{first.stem}.png"))  # a common naming slip
+    with caplog.at_level("WARNING", logger="trainer.datasets.folder"):
+        misnamed = evaluate_run(run, data, device="cpu")
+    assert "1 mask file(s) match no test image" in caplog.text and f"pitting/{first.stem}.png" in caplog.text
+    reference = evaluate_run(run, without, device="cpu")
+    assert misnamed["pixel_auroc"] == pytest.approx(reference["pixel_auroc"], abs=1e-9)
+    assert (misnamed["n_anomalous"], reference["n_anomalous"]) == (4, 3)  # image metrics still count it

@@ -95,7 +95,19 @@ def evaluate_run(
     pix: float | None = None
     if index.has_masks:
         masks = load_masks(index.test, spec.height, spec.width)
-        keep = np.array([d not in index.report_apart for d in defects])
+        # An anomalous image without a mask has unknown defect pixels: counting them as normal would lower the
+        # metric, so it is left out (MVTec AD masks every anomalous image).
+        unmasked = [s for s in index.test if s.label == 1 and s.mask is None and s.defect not in index.report_apart]
+        if unmasked:
+            console.print(
+                f"[yellow]note:[/] pixel AUROC leaves out {len(unmasked)} anomalous test image(s) without a mask "
+                f"(e.g. {unmasked[0].path.relative_to(index.root)}: no ground_truth/{unmasked[0].defect}/"
+                f"{unmasked[0].path.stem}_mask.png)",
+                highlight=False,
+            )
+        keep = np.array(
+            [s.defect not in index.report_apart and (s.label == 0 or s.mask is not None) for s in index.test]
+        )
         if masks[keep].any():
             pix = pixel_auroc(maps[keep], masks[keep])
     result: dict[str, Any] = {

@@ -134,6 +134,24 @@ def _read_report_apart(root: Path) -> frozenset[str]:
     return frozenset(apart)
 
 
+def _warn_unmatched_masks(gt: Path, used: set[Path]) -> None:
+    """Warn about files under ``gt/<defect>/`` that are the mask of no test image (a misnamed mask is otherwise
+    silently unused: its image then counts as having no mask)."""
+    if not gt.is_dir():
+        return
+    unused = sorted(
+        str(p.relative_to(gt.parent)) for defect in _subfolders(gt) for p in _images_in(gt / defect) if p not in used
+    )
+    if unused:
+        shown = ", ".join(unused[:5]) + (f" and {len(unused) - 5} more" if len(unused) > 5 else "")
+        log.warning(
+            "%d mask file(s) match no test image (expected ground_truth/<defect>/<image stem>_mask.png for "
+            "test/<defect>/<image>): %s",
+            len(unused),
+            shown,
+        )
+
+
 def scan_folder(root: Path, *, need_test: bool = True) -> FolderIndex:
     """Index the MVTec-layout folder ``root`` without decoding any image.
 
@@ -170,6 +188,7 @@ def scan_folder(root: Path, *, need_test: bool = True) -> FolderIndex:
             for p in _images_in(test_dir / defect):
                 mask = gt / defect / f"{p.stem}_mask.png"
                 test.append(Sample(p, 1, defect, mask if mask.is_file() else None))
+        _warn_unmatched_masks(gt, {s.mask for s in test if s.mask is not None})
         if need_test:
             if not (test_dir / GOOD).is_dir():
                 raise DatasetError(f"data folder {root} has no test/good folder")
