@@ -192,8 +192,25 @@ def test_parse_source_rejects_bad_sources_clearly(source: Any, message: str) -> 
 
 
 def test_url_credentials_never_reach_messages() -> None:
+    """describe() is the status detail published retained over MQTT: no camera password in it. A GStreamer
+    pipeline (the usual hardware-decode source on a Jetson) and a camera CGI's query string used to go out whole."""
     spec = parse_source("rtsp://admin:s3cret@10.0.0.5/stream")
     assert "s3cret" not in spec.describe() and "10.0.0.5" in spec.describe()
+    for source, kept in (
+        ("rtsp://admin:p@s3cret@10.0.0.5:554/s1", "10.0.0.5:554/s1"),  # an @ in the password
+        ("http://10.0.0.9/videostream.cgi?user=admin&pwd=s3cret&res=1", "res=1"),
+        (
+            "gst:rtspsrc location=rtsp://admin:s3cret@10.0.0.5/stream1 user-id=admin user-pw=s3cret latency=200 "
+            "! rtph264depay ! h264parse ! nvv4l2decoder ! nvvidconv ! video/x-raw,format=BGRx ! appsink",
+            "latency=200",
+        ),
+        ('gst:souphttpsrc location="http://u:s3cret@cam/mjpg" ! jpegdec ! videoconvert ! appsink', "cam/mjpg"),
+    ):
+        text = parse_source(source).describe()
+        assert "s3cret" not in text and "admin" not in text and kept in text, text
+    assert parse_source("gst:v4l2src device=/dev/video0 sensor-id=0 ! appsink").describe() == (
+        "gstreamer pipeline 'v4l2src device=/dev/video0 sensor-id=0 ! appsink'"
+    )
     with pytest.raises(ValueError) as err:
         parse_source("ftp://admin:s3cret@10.0.0.5/x")
     assert "s3cret" not in str(err.value)

@@ -49,13 +49,14 @@ class SourceSpec:
         return self.kind == "file"
 
     def describe(self) -> str:
-        """A short human-readable name for logs and status details (URL credentials hidden)."""
+        """A short human-readable name for logs and status details (retained on MQTT): credentials hidden,
+        in URLs and in ``name=value`` settings (see ``redact_secrets``)."""
         if self.kind in ("rtsp", "http"):
-            return f"{self.kind} source {redact_url(str(self.target))}"
+            return f"{self.kind} source {redact_secrets(str(self.target))}"
         if self.kind == "index":
             return f"camera index {self.target}"
         if self.kind == "gstreamer":
-            return f"gstreamer pipeline '{self.target}'"
+            return f"gstreamer pipeline '{redact_secrets(str(self.target))}'"
         return f"{'device' if self.kind == 'v4l2' else 'file'} '{self.target}'"
 
 
@@ -63,15 +64,20 @@ class CaptureError(Exception):
     """A source that could not be opened; the message names the source and the reason."""
 
 
-def redact_url(url: str) -> str:
-    """``url`` with any ``user:password@`` replaced by ``***@`` (status details are published over MQTT)."""
-    parts = urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return parts._replace(netloc=f"***@{host}").geturl()
+# user:password@ in any URL, and the value of a secret-looking name=value (rtspsrc's user-id/user-pw, a camera
+# CGI's ?user=...&pwd=..., token=, key=); the value ends at whitespace, quote, &, ;, ! or ','.
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[A-Za-z][A-Za-z0-9+.-]*://)[^/\s'\"]*@")  # to the last @: p@ss
+_SECRET_SETTING = re.compile(
+    r"(?i)(?P<name>\b(?:user-pw|user-id|user(?:name)?|login|passw(?:or)?d|pwd|pass|secret|token|auth|"
+    r"api[-_]?key|key)\s*=\s*)(?:\"[^\"]*\"|'[^']*'|[^\s&;!,'\"]+)"
+)
+
+
+def redact_secrets(text: str) -> str:
+    """``text`` (a URL or a GStreamer pipeline) with URL credentials and secret-looking ``name=value`` values
+    replaced by ``***``: what is published over MQTT and logged must not carry a camera's password."""
+    text = _URL_USERINFO.sub(r"\g<scheme>***@", text)
+    return _SECRET_SETTING.sub(r"\g<name>***", text)
 
 
 def parse_source(source: str | int) -> SourceSpec:
@@ -108,13 +114,15 @@ def parse_source(source: str | int) -> SourceSpec:
     if scheme in ("rtsp", "rtsps", "http", "https"):
         parts = urlsplit(text)
         if not parts.hostname:
-            raise ValueError(f"camera source {redact_url(text)!r}: the URL has no host")
+            raise ValueError(f"camera source {redact_secrets(text)!r}: the URL has no host")
         try:
             parts.port  # noqa: B018 - raises ValueError on a malformed port
         except ValueError:
-            raise ValueError(f"camera source {redact_url(text)!r}: the URL's port is not a number in 0-65535") from None
+            shown = redact_secrets(text)
+            raise ValueError(f"camera source {shown!r}: the URL's port is not a number in 0-65535") from None
         return SourceSpec("rtsp" if scheme.startswith("rtsp") else "http", text)
-    raise ValueError(f"camera source {redact_url(text)!r}: unsupported scheme '{scheme}://'; expected {_SUPPORTED}")
+    shown = redact_secrets(text)
+    raise ValueError(f"camera source {shown!r}: unsupported scheme '{scheme}://'; expected {_SUPPORTED}")
 
 
 def _index(index: int, shown: str) -> SourceSpec:
