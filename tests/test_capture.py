@@ -38,6 +38,7 @@ from edge_daemon.capture import (
     source_fps,
 )
 from edge_daemon.capture.camera import _to_bgr, stop_cameras
+from edge_daemon.capture.sources import gstreamer_takes_timeouts
 
 SIZE = 320
 DEADLINE_S = 20.0
@@ -768,3 +769,13 @@ def test_ffmpeg_reads_rtsp(rtsp_server: RtspServer) -> None:
 
 def test_rtsp_camera_goes_offline_and_comes_back(rtsp_server: RtspServer, cameras: list[Camera]) -> None:
     check_camera_survives_an_outage(rtsp_server.url, rtsp_server.stop, rtsp_server.start, cameras, open_timeout_s=5.0)
+
+
+def test_gstreamer_timeouts_are_given_from_opencv_4_6() -> None:
+    """A GStreamer open that failed used to be tried again without timeouts on every OpenCV, so on JetPack's 4.8 a
+    camera that was down cost a second, unbounded open per reconnect. Only an OpenCV older than 4.6 (which refuses
+    the parameters) opens without them, first time."""
+    assert gstreamer_takes_timeouts("4.8.0") and gstreamer_takes_timeouts("4.6.0") and gstreamer_takes_timeouts("5.0")
+    assert gstreamer_takes_timeouts(cv2.__version__)
+    assert not gstreamer_takes_timeouts("4.5.4-dev") and not gstreamer_takes_timeouts("3.4.2")
+    assert not gstreamer_takes_timeouts("unknown")

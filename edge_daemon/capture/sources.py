@@ -180,6 +180,13 @@ def missing_capability(spec: SourceSpec) -> str | None:
     return None
 
 
+def gstreamer_takes_timeouts(opencv_version: str) -> bool:
+    """Whether OpenCV ``opencv_version`` ("4.8.0", "4.5.4-dev") accepts CAP_PROP_OPEN/READ_TIMEOUT_MSEC for
+    GStreamer (added in 4.6)."""
+    numbers = [int(n) for n in re.findall(r"\d+", opencv_version)[:2]]
+    return len(numbers) == 2 and (numbers[0], numbers[1]) >= (4, 6)
+
+
 def open_capture(spec: SourceSpec, *, open_timeout_s: float = 10.0, read_timeout_s: float = 5.0) -> cv2.VideoCapture:
     """Open ``spec`` and return an opened ``cv2.VideoCapture``; raises CaptureError naming the source and why.
 
@@ -213,10 +220,10 @@ def open_capture(spec: SourceSpec, *, open_timeout_s: float = 10.0, read_timeout
         missing = missing_capability(spec)
         if missing is not None:
             raise CaptureError(missing)
-        cap = _video_capture(cv2, name, spec.target, cv2.CAP_GSTREAMER, timeouts)
-        if not cap.isOpened():  # an OpenCV older than 4.6 refuses the timeout parameters: try without them
-            cap.release()
-            cap = _video_capture(cv2, name, spec.target, cv2.CAP_GSTREAMER, [])
+        # An OpenCV older than 4.6 refuses the timeout parameters (its open fails); a newer one that fails to open
+        # must not be asked again without them, which would wait unbounded on a camera that is down.
+        params = timeouts if gstreamer_takes_timeouts(cv2.__version__) else []
+        cap = _video_capture(cv2, name, spec.target, cv2.CAP_GSTREAMER, params)
         reason = "GStreamer could not start the pipeline (check it with gst-launch-1.0)"
     elif spec.kind == "file":
         path = Path(str(spec.target))
