@@ -486,6 +486,21 @@ def test_file_that_appears_later_is_picked_up(
     assert cam.stats()["reconnects"] == 1
 
 
+def test_a_looping_file_that_appears_later_counts_one_reconnect(
+    tmp_path: Path, bottle_images: list[np.ndarray], cameras: list[Camera]
+) -> None:
+    """After one real failure every reopening at the end of a looping file used to count as a reconnect."""
+    path = tmp_path / "late-loop.avi"
+    cam = Camera("lateloop", str(path), loop=True, backoff_s=(0.05, 0.2))
+    cameras.append(cam)
+    cam.start()
+    wait_for(lambda: cam.status.reason == "open_failed", "open_failed")
+    write_video(tmp_path / "tmp.avi", bottle_images[:3]).rename(path)
+    frames = drain(cam, lambda fs: len(fs) >= 12)  # four times round the file
+    assert [f.seq for f in frames] == list(range(len(frames)))
+    assert cam.stats()["reconnects"] == 1
+
+
 def test_stop_does_not_hang_on_a_source_that_never_answers(cameras: list[Camera]) -> None:
     with socket.socket() as listener:  # accepts the TCP connection, never sends a byte
         listener.bind(("127.0.0.1", 0))

@@ -325,6 +325,7 @@ class Camera:
                 if outcome == "stopped":
                     break
                 if outcome == "loop":
+                    had_failure = False  # it delivered frames: its reopening is no reconnect
                     continue  # a looping file reached its end: reopen at once (no failure, no backoff)
                 if outcome == "good_then_failed":
                     failures = 0
