@@ -278,9 +278,15 @@ def _describe(errors: list[Any], lines: dict[tuple[str, ...], int], source: str)
         where = f"line {line}: " if line else ""
         lowered = tuple(p.lower() for p in loc)
         var = next((v for v, path in env.items() if lowered[: len(path)] == path), None)
-        if var is not None:
-            where = f"environment variable {var}: "
+        inside = None  # a variable for a part of this key (EDGE_CAMERAS__0__THRESHOLD for the list cameras)
+        if var is None and lowered:
+            inside = next((v for v, path in env.items() if path[: len(lowered)] == lowered), None)
+        if var is not None or inside is not None:
+            where = f"environment variable {var or inside}: "
         msg = err["msg"].removeprefix("Value error, ")
+        if inside is not None and err["type"] == "list_type":
+            whole = "EDGE_" + "__".join(loc).upper()
+            msg = f"a list cannot be changed item by item; give the whole list as JSON in {whole}"
         if err["type"] == "extra_forbidden":
             msg = "unknown key (a typo?)"
         elif err["type"] == "missing":
