@@ -39,6 +39,7 @@ class _Collector:
             "anomalous": ("edge_frames_anomalous_total", "frames at or above threshold", CounterMetricFamily),
             "reconnects": ("edge_camera_reconnects_total", "camera reopen attempts", CounterMetricFamily),
             "roi_errors": ("edge_roi_errors_total", "frames unscored: roi outside them", CounterMetricFamily),
+            "frames_failed": ("edge_frames_failed_total", "frames unscored: the backend failed", CounterMetricFamily),
             "events_opened": ("edge_events_opened_total", "anomaly events started", CounterMetricFamily),
             "threshold": ("edge_threshold", "current threshold, normalised units", GaugeMetricFamily),
             "latency_p50_ms": ("edge_latency_p50_ms", "capture to outbox, median, ms", GaugeMetricFamily),

@@ -53,6 +53,7 @@ class CameraLane:
     scored: int = 0
     anomalous: int = 0
     roi_errors: int = 0
+    frames_failed: int = 0  # frames in batches the backend failed on (the pipeline's backend_errors counts batches)
     latencies_s: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
     # monotonic seconds: when a frame of this camera was last scored (at first: when the lane was made), and when one
     # last failed to be (ROI outside the frame, backend error); ``failure`` says why
@@ -219,6 +220,7 @@ class Pipeline:
             log.error("backend failed on a batch of %d: %s", len(kept), self.last_error)
             failed_at = time.monotonic()
             for lane, _ in kept:
+                lane.frames_failed += 1
                 lane.note_failure(failed_at, self.last_error)
                 lane.tracker.restart_run()
             return 0

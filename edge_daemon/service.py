@@ -291,8 +291,8 @@ class Daemon:
         """Per camera: frames captured, dropped, skipped (fps cap) and scored, events opened and closed,
         capture-to-outbox latency percentiles over the last frames, ms (the log's last line).
 
-        After a shutdown, frames_in == frames_scored + frames_dropped + frames_skipped, less the frames whose
-        ROI did not fit (the camera's roi_errors) and those of failed batches (the batches: backend_errors)."""
+        After a shutdown, frames_in == frames_scored + frames_dropped + frames_skipped + roi_errors (frames the ROI
+        did not fit) + frames_failed (frames of batches the backend failed on)."""
         assert self.pipeline is not None
         out: dict[str, Any] = {}
         for cam_id, lane in self.pipeline.lanes.items():
@@ -302,6 +302,8 @@ class Daemon:
                 "frames_dropped": cam.get("frames_dropped"),
                 "frames_skipped": cam.get("frames_skipped"),
                 "frames_scored": lane.scored,
+                "roi_errors": lane.roi_errors,
+                "frames_failed": lane.frames_failed,
                 "events_opened": ev["events_opened"],
                 "events_closed": ev["events_closed"],
                 "latency_p50_ms": percentile_ms(lane.latencies_s, 50),
@@ -596,6 +598,7 @@ class Daemon:
                     "fps_scored": self._fps_scored.get(cam_id),
                     "anomalous": lane.anomalous,
                     "roi_errors": lane.roi_errors,
+                    "frames_failed": lane.frames_failed,
                     "threshold": lane.threshold,
                     "events_opened": lane.tracker.stats().get("events_opened", 0),
                     "latency_p50_ms": percentile_ms(latencies, 50),

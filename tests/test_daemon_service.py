@@ -4,6 +4,7 @@ a camera that vanishes and comes back. Real process, real mosquitto, real signed
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import socket
@@ -382,6 +383,14 @@ def test_an_event_whose_frames_stop_being_scored_ends_and_the_camera_says_why(
         assert camera.status.reason == "roi" and "lies outside the" in str(camera.status.detail)
         lane.roi, lane.roi_checked_for = line.roi, None  # fixed: scored again, online again
         wait_until(lambda: pipeline.step() >= 0 and camera.status.state == "online", 10, "camera online")
+        assert lane.roi_errors > 0 and lane.frames_failed == 0
+        # The backend now fails (ONNX Runtime itself, refusing inputs one pixel short): each frame of each failed
+        # batch is counted for its camera (only the batches were counted, not whose frames they were).
+        ort = pipeline.backend
+        pipeline.backend = dataclasses.replace(ort, run=lambda x: ort.run(np.ascontiguousarray(x[..., :-1])))
+        wait_until(lambda: pipeline.step() >= 0 and lane.frames_failed >= 3, 10, "failed batches")
+        assert pipeline.backend_errors == lane.frames_failed  # max_batch 1: one frame per batch
+        assert "onnxruntime" in str(pipeline.last_error)
     finally:
         camera.stop()
 
