@@ -436,6 +436,19 @@ def test_fps_cap_skips_frames_read_too_soon(
     assert len(frames) < n
 
 
+def test_fps_cap_on_a_file_read_losslessly_runs_on_the_videos_time(
+    tmp_path: Path, bottle_images: list[np.ndarray], cameras: list[Camera]
+) -> None:
+    """A lossless file is read in bursts: on the wall clock the cap kept about one frame per burst (1 of 60 frames
+    of a 25 fps video capped at 5 fps). On the video's time it keeps every fifth frame."""
+    path = write_video(tmp_path / "cap.avi", [bottle_images[i % len(bottle_images)] for i in range(60)], fps=25.0)
+    cam = Camera("caplossless", str(path), fps_cap=5.0)
+    cameras.append(cam)
+    cam.start()
+    frames = drain(cam, lambda fs: cam.ended)
+    assert [f.seq for f in frames] == list(range(12)) and cam.stats()["frames_skipped"] == 48
+
+
 def test_missing_file_goes_offline_with_the_path_and_keeps_retrying(tmp_path: Path, cameras: list[Camera]) -> None:
     missing = tmp_path / "later.avi"
     calls: list[CameraStatus] = []

@@ -142,7 +142,8 @@ class Camera:
     ``loop``/``realtime`` apply to file sources only: ``loop`` rewinds at the end instead of ending;
     ``realtime`` paces reads to the file's frame rate (lossy slot, drops counted) instead of reading
     losslessly as fast as the scorer takes frames. ``fps_cap`` (frames/s): frames read sooner than
-    1/fps_cap after the last delivered one are skipped (counted in ``frames_skipped``, not dropped).
+    1/fps_cap after the last delivered one are skipped (counted in ``frames_skipped``, not dropped); for a file
+    read losslessly "sooner" is in the video's time (its frame rate), not the wall clock.
     ``roi`` (x, y, w, h) is stored for the pipeline. ``expected_fps`` enables the ``low_fps`` health
     check (ignored for lossless files, whose rate the scorer sets). ``frame_ready`` is set after every
     new frame. ``on_status(camera_id, status)`` is called from the camera thread on every change of
@@ -420,13 +421,16 @@ class Camera:
                 self._set_status("degraded", reason, self._degraded_detail(reason))
 
             if self.fps_cap is not None:
-                if t < next_due:
+                # A file read losslessly comes in bursts as fast as the scorer takes frames: its cap runs on the
+                # video's own time (frame index / frame rate), or it would keep about one frame per burst.
+                clock = (n_read - 1) * pace if self.lossless else t
+                if clock < next_due:
                     with self._lock:
                         self.frames_skipped += 1
                     continue
                 # Keep the delivery grid while on schedule (no drift); restart it after a gap.
                 period = 1.0 / self.fps_cap
-                next_due = next_due + period if t < next_due + period else t + period
+                next_due = next_due + period if clock < next_due + period else clock + period
             frame = Frame(self.camera_id, image, self._seq, t, wall)
             if not self._slot.put(frame):
                 return "stopped"
