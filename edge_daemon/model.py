@@ -77,6 +77,9 @@ def load_bundle(path: Path, trusted_keys: list[Path], state_dir: Path, *, allow_
         return LoadedBundle(path, verified.manifest, verified.manifest_sha256, verified.key_id)
     if not path.is_file():
         raise BundleError(f"no bundle at {path}" if not path.exists() else f"{path} is neither a folder nor a .tar")
+    # The tar's own signature, manifest and member list first, also when its model is already unpacked: the
+    # manifest's sha (which names the unpacked copy) does not change when a stranger signs the same files.
+    verify_tar_manifest(path, trusted_keys, require_signature=require_signature)
     sha = manifest_sha256(path)  # names the folder only: what serves is verified below
     target = Path(state_dir) / "bundles" / sha
     if (target / "manifest.json").is_file():
@@ -101,10 +104,9 @@ def _unpack_verified(tar: Path, target: Path, trusted_keys: list[Path], *, requi
     """Unpack ``tar`` beside ``target``, verify the unpacked folder and only then put it at ``target`` (replacing
     whatever is there), so that nothing from a tar is ever written outside ``target``'s folder (the daemon's state
     directory) and after a power cut ``target`` is either complete and verified or absent: every file fsynced,
-    renamed into place, the folder fsynced. The signature, manifest and member list are checked from the tar before
-    anything is written, so a tar that no trusted key signed costs no disk. BundleError (verification's) leaves
+    renamed into place, the folder fsynced. The caller has checked the tar's signature, manifest and member list
+    (``verify_tar_manifest``), so a tar that no trusted key signed costs no disk. BundleError (verification's) leaves
     ``target`` as it was."""
-    verify_tar_manifest(tar, trusted_keys, require_signature=require_signature)
     target.parent.mkdir(parents=True, exist_ok=True)
     for orphan in remove_orphans(target.parent, _UNPACK_PREFIX):
         log.info("removed %s, a half-done unpack left by a crash or power cut", orphan)

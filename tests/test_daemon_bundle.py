@@ -107,3 +107,7 @@ def test_a_tar_no_trusted_key_signed_is_refused_before_anything_is_unpacked(
     # the trusted key's tar of the same model goes through the same path and is unpacked once
     loaded = load_bundle(bundle_tar, [signed_bottle_bundle.public_key], state)
     assert len(unpacked) == 1 and (loaded.root / "model.onnx").is_file()
+    # Once that model is unpacked, the stranger's tar of it is still refused: it was answered from the unpacked copy
+    # (found by the manifest's sha, which the signature does not change), so a push of it ended "already active".
+    with pytest.raises(BundleError, match="signed by an untrusted key"):
+        load_bundle(stranger_tar, [signed_bottle_bundle.public_key], state)
