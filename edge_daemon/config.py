@@ -263,6 +263,39 @@ def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
     return lines
 
 
+def _duplicate_keys(text: str) -> list[str]:
+    """One line per key that appears twice in the same YAML mapping: YAML keeps only the last one, so a second
+    ``cameras:`` list silently dropped the first list's cameras."""
+    import yaml
+
+    problems: list[str] = []
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in node.value:
+                name = str(key.value)
+                line = key.start_mark.line + 1
+                if name in first and name != "<<":
+                    shown = ".".join((*path, name))
+                    problems.append(
+                        f"line {line}: {shown} is given again (first on line {first[name]}); YAML would keep only "
+                        "this one: merge the two"
+                    )
+                first.setdefault(name, line)
+                walk(value, (*path, name))
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                walk(item, (*path, str(i)))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return []
+    walk(root, ())
+    return problems
+
+
 def _describe(errors: list[Any], lines: dict[tuple[str, ...], int], source: str) -> list[str]:
     """One line per validation error, with its YAML line, or the EDGE_* variable it came from."""
     env = _env_config_vars()
@@ -310,6 +343,9 @@ def parse_config(text: str, path: Path | None = None, *, base: Path | None = Non
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(path, [f"{where}not valid YAML: {problem}"]) from None
+    duplicates = _duplicate_keys(text)
+    if duplicates:
+        raise ConfigError(path, duplicates)
     if data is None:
         data = {}
     if not isinstance(data, dict):

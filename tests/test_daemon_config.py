@@ -407,3 +407,17 @@ def test_doctor_checks_this_opencv_prepares_the_golden_images_as_the_trainer(
     line = preprocess_line(other)
     assert line.startswith("warn  preprocess   this OpenCV prepares 1 of the 12 golden source images differently"), line
     assert "normalised scores move by up to" in line
+
+
+def test_a_key_given_twice_is_refused_with_both_lines() -> None:
+    """YAML keeps the last of two equal keys without a word: a second cameras: list silently dropped cam0 and cam1
+    (a camera left uninspected), a second mqtt: section the host."""
+    text = GOOD + "cameras:\n  - id: cam2\n    source: /dev/video2\nmqtt: {port: 1884}\n"
+    with pytest.raises(ConfigError) as err:
+        parse_config(text)
+    assert err.value.problems == [
+        "line 14: cameras is given again (first on line 7); YAML would keep only this one: merge the two",
+        "line 17: mqtt is given again (first on line 4); YAML would keep only this one: merge the two",
+    ]
+    with pytest.raises(ConfigError, match=r"line 11: cameras.0.roi is given again \(first on line 10\)"):
+        parse_config(GOOD.replace("    roi: [10, 20, 300, 200]", "    roi: [10, 20, 300, 200]\n    roi: [0, 0, 8, 8]"))
