@@ -220,6 +220,29 @@ def test_mini_folder_reads(shared_data: Path, tmp_path: Path, caplog: pytest.Log
     assert not masks[:2].any() and masks[2:].any(axis=(1, 2)).all()
 
 
+def test_links_that_lead_nowhere_and_test_subfolders_are_named(
+    shared_data: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A symbolic link loop among the images was a traceback (OSError from is_file); images in a sub-folder of a
+    test folder were skipped without a word (only train/good said what it left out)."""
+    root = _mini_folder(shared_data, tmp_path / "mini")
+    (root / "train/good/loop.png").symlink_to("loop.png")
+    (root / "test/good/gone.png").symlink_to(tmp_path / "nowhere.png")
+    bad = sorted((root / "test/pitting").iterdir())[0]
+    (root / "test/pitting/more").mkdir()
+    bad.rename(root / "test/pitting/more" / bad.name)
+    with caplog.at_level(logging.WARNING, logger="trainer.datasets.folder"):
+        index = scan_folder(root)
+    assert len(index.train) == 3 and len(index.test) == 3
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{root / 'train/good'}: 1 entry not read: loop.png (Too many levels of symbolic links)",
+        f"{root / 'test/good'}: 1 entry not read: gone.png (No such file or directory)",
+        f"{root / 'test/pitting'}: 1 entry not read: more/",
+        "1 mask file(s) match no test image (expected ground_truth/<defect>/<image stem>_mask.png for "
+        f"test/<defect>/<image>): ground_truth/pitting/{bad.stem}_mask.png",
+    ]
+
+
 def test_missing_and_empty_folders(shared_data: Path, tmp_path: Path) -> None:
     with pytest.raises(DatasetError, match="does not exist"):
         scan_folder(tmp_path / "nowhere")

@@ -91,7 +91,31 @@ class FolderIndex:
 
 
 def _is_image(entry: os.DirEntry[str]) -> bool:
-    return not entry.name.startswith(".") and entry.name.lower().endswith(IMAGE_SUFFIXES) and entry.is_file()
+    if entry.name.startswith(".") or not entry.name.lower().endswith(IMAGE_SUFFIXES):
+        return False
+    try:
+        return entry.is_file()
+    except OSError:  # a symbolic link loop: not read, and said so (``_listing``)
+        return False
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def _not_read_name(entry: os.DirEntry[str]) -> str:
+    """How ``_listing`` names an entry it leaves out: sub-folders with a trailing '/', links that lead nowhere
+    with why."""
+    if _is_dir(entry):
+        return entry.name + "/"
+    try:
+        os.stat(entry.path)
+    except OSError as exc:
+        return f"{entry.name} ({exc.strerror or exc})"
+    return entry.name
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -110,14 +134,14 @@ def _listing(folder: Path) -> tuple[list[Path], list[str]]:
             if _is_image(e):
                 images.append(e.name)
             elif not e.name.startswith("."):
-                others.append(e.name + ("/" if e.is_dir() else ""))
+                others.append(_not_read_name(e))
     return [folder / n for n in sorted(images)], sorted(others)
 
 
 def _subfolders(folder: Path) -> list[str]:
     """Names of the non-hidden folders directly inside ``folder``, sorted."""
     with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+        return sorted(e.name for e in it if _is_dir(e) and not e.name.startswith("."))
 
 
 def _read_report_apart(root: Path) -> frozenset[str]:
@@ -132,6 +156,12 @@ def _read_report_apart(root: Path) -> frozenset[str]:
     if not isinstance(apart, list) or not all(isinstance(x, str) for x in apart):
         raise DatasetError(f"{path}: 'report_apart' must be a list of defect folder names")
     return frozenset(apart)
+
+
+def _warn_not_read(folder: Path, ignored: list[str]) -> None:
+    if ignored:
+        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
+        log.warning("%s: %d entr%s not read: %s", folder, len(ignored), "y" if len(ignored) == 1 else "ies", shown)
 
 
 def _warn_unmatched_masks(gt: Path, used: set[Path]) -> None:
@@ -172,20 +202,21 @@ def scan_folder(root: Path, *, need_test: bool = True) -> FolderIndex:
     train = [Sample(p, 0, GOOD, None) for p in train_images]
     if not train:
         raise DatasetError(f"{train_dir} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-    if ignored:
-        shown = ", ".join(ignored[:5]) + (f" and {len(ignored) - 5} more" if len(ignored) > 5 else "")
-        log.warning("%s: %d entr%s not read: %s", train_dir, len(ignored), "y" if len(ignored) == 1 else "ies", shown)
+    _warn_not_read(train_dir, ignored)
 
     test: list[Sample] = []
     test_dir = root / "test"
     if test_dir.is_dir():
-        good = _images_in(test_dir / GOOD)
+        good, ignored = _listing(test_dir / GOOD)
+        _warn_not_read(test_dir / GOOD, ignored)
         test.extend(Sample(p, 0, GOOD, None) for p in good)
         gt = root / "ground_truth"
         for defect in _subfolders(test_dir):
             if defect == GOOD:
                 continue
-            for p in _images_in(test_dir / defect):
+            images, ignored = _listing(test_dir / defect)
+            _warn_not_read(test_dir / defect, ignored)
+            for p in images:
                 mask = gt / defect / f"{p.stem}_mask.png"
                 test.append(Sample(p, 1, defect, mask if mask.is_file() else None))
         _warn_unmatched_masks(gt, {s.mask for s in test if s.mask is not None})
