@@ -127,7 +127,13 @@ def decode_image(source: Path | str | bytes, *, name: str | None = None) -> np.n
         raise ImageReadError(f"cannot read image {label}: the file is empty")
     if _looks_truncated(data):
         raise ImageReadError(f"cannot read image {label}: the file is truncated (no end marker)")
-    img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        img = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
+    except cv2.error as exc:  # e.g. over OpenCV's pixel limit (CV_IO_MAX_IMAGE_PIXELS, 2^30 by default)
+        why = str(exc).strip().splitlines()[-1]
+        if "CV_IO_MAX_IMAGE_PIXELS" in why:
+            why = "more pixels than OpenCV decodes, CV_IO_MAX_IMAGE_PIXELS (2^30 by default); scale or tile it first"
+        raise ImageReadError(f"cannot read image {label}: {why}") from None
     if img is None or img.size == 0:
         raise ImageReadError(f"cannot read image {label}: not a decodable PNG/JPEG/BMP/TIFF image")
     if img.dtype == np.uint16:

@@ -370,3 +370,22 @@ def test_a_grey_and_colour_mix_is_refused_whatever_the_names(shared_data: Path, 
         shutil.copy(p, root / "train/good" / f"b_{i:03d}{p.suffix}")
     with pytest.raises(DatasetError, match=r"mixes grey and colour images \(32 grey, .* 5 colour, e\.g\. b_000"):
         infer_channels(scan_folder(root, need_test=False))
+
+
+def test_an_image_over_opencvs_pixel_limit_is_named(shared_data: Path, tmp_path: Path) -> None:
+    """A 40000x40000 line-scan PNG (1.5 MB on disk) was an OpenCV traceback from train and datasets prepare."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    side = 40_000
+    packer = zlib.compressobj(9)
+    rows = b"".join(packer.compress(bytes(side + 1)) for _ in range(side)) + packer.flush()
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+    root = _mini_folder(shared_data, tmp_path / "mini")
+    (root / "train/good/linescan.png").write_bytes(png)
+    with pytest.raises(DatasetError, match=r"linescan.png: more pixels than OpenCV decodes, CV_IO_MAX_IMAGE_PIXELS"):
+        load_images(scan_folder(root).train, InputSpec(16, 16, 3))
