@@ -362,3 +362,32 @@ def test_pixel_auroc_leaves_out_anomalous_images_without_a_mask(
     reference = evaluate_run(run, without, device="cpu")
     assert misnamed["pixel_auroc"] == pytest.approx(reference["pixel_auroc"], abs=1e-9)
     assert (misnamed["n_anomalous"], reference["n_anomalous"]) == (4, 3)  # image metrics still count it
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(mnist_small: Path, tmp_path: Path) -> None:
+    """Two Ctrl-C in quick succession: the second one stops at once, but never in the middle of writing a checkpoint
+    (torch.save then raised its own RuntimeError: a traceback and exit 1). Exit 130, one line, and last.pt whole."""
+    run = tmp_path / "run"
+    args = ["train", "--model", "ae", "--data", mnist_small, "--out", run, "--epochs", "50", "--device", "cpu"]
+    args += ["--set", "base_channels=64"]  # a checkpoint of some MB: a write that takes a while
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trainer", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    last = run / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    inode = last.stat().st_ino
+    proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 60  # the second one while the interruption's checkpoint is being written
+    while proc.poll() is None and time.monotonic() < deadline:
+        if any(p.name.startswith(".last.pt.") for p in last.parent.iterdir()) or last.stat().st_ino != inode:
+            break
+        time.sleep(0.0005)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "interrupted" in stderr
+    assert torch.load(last, weights_only=False)["model_name"] == "ae"
+    events = [json.loads(line)["event"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert events[-1] == "interrupted", events

@@ -47,6 +47,9 @@ def _run(fn: Callable[[], T]) -> T:
     except Interrupted as exc:
         err.print(f"[yellow]{exc}[/yellow]", highlight=False)
         raise typer.Exit(130) from None
+    except KeyboardInterrupt:  # a second Ctrl-C (train), or one outside training; files are written whole or not at all
+        err.print("[yellow]interrupted; a training run resumes from its last checkpoint[/yellow]", highlight=False)
+        raise typer.Exit(130) from None
     except Diverged as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         raise typer.Exit(1) from None

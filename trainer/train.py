@@ -137,16 +137,32 @@ def batches(order: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 
 class _StopFlag:
-    """SIGINT/SIGTERM set a flag that the loop checks between steps; a second Ctrl-C stops at once."""
+    """SIGINT/SIGTERM set a flag that the loop checks between steps; a second Ctrl-C stops at once (KeyboardInterrupt),
+    except while a checkpoint is being written (``writing``): then it stops right after it."""
 
     def __init__(self) -> None:
         self.stop = False
         self._old: dict[signal.Signals, Any] = {}
+        self._writing = False
+        self._deferred = False
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.stop and signum == signal.SIGINT:
+            if self._writing:  # torch.save interrupted mid-file raises its own RuntimeError: finish the file first
+                self._deferred = True
+                return
             raise KeyboardInterrupt
         self.stop = True
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        self._writing = True
+        try:
+            yield
+        finally:
+            self._writing = False
+        if self._deferred:
+            raise KeyboardInterrupt
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[_StopFlag]:
@@ -323,23 +339,25 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
         )
     write_json_atomic(run / CONFIG_FILE, cfg.model_dump())
 
+    stop = _StopFlag()
+
     def checkpoint(epoch: int, batch: int) -> None:
-        save_torch_atomic(
-            last_path,
-            {
-                "model": model.state_dict(),
-                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
-                "extra": model.extra_state(),
-                "rng": _rng_state(),
-                "epoch": epoch,
-                "batch": batch,
-                "best_val": best_val,
-                "model_name": cfg.model,
-            },
-        )
+        with stop.writing():
+            save_torch_atomic(
+                last_path,
+                {
+                    "model": model.state_dict(),
+                    "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
+                    "extra": model.extra_state(),
+                    "rng": _rng_state(),
+                    "epoch": epoch,
+                    "batch": batch,
+                    "best_val": best_val,
+                    "model_name": cfg.model,
+                },
+            )
 
     epoch_seconds: list[float] = []
-    stop = _StopFlag()
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -359,8 +377,10 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
             t0, seen = time.perf_counter(), 0
             for b in range(start_batch, len(plan)):
                 if stop.stop:
-                    checkpoint(epoch, b)
-                    append_metrics(run, {"event": "interrupted", "epoch": epoch, "batch": b})
+                    try:
+                        checkpoint(epoch, b)
+                    finally:  # also when a second Ctrl-C came while it was written (KeyboardInterrupt after it)
+                        append_metrics(run, {"event": "interrupted", "epoch": epoch, "batch": b})
                     raise Interrupted(
                         f"interrupted at epoch {epoch}, batch {b}/{len(plan)}; checkpoint written to {last_path}; "
                         f"run the same command again to resume"
@@ -387,10 +407,11 @@ def train(opts: TrainOptions, console: Console | None = None) -> TrainResult:
             improved = val < best_val
             if improved:
                 best_val = val
-                save_torch_atomic(
-                    run / CHECKPOINTS / "best.pt",
-                    {"model": model.state_dict(), "epoch": epoch, "val_loss": val, "model_name": cfg.model},
-                )
+                with stop.writing():
+                    save_torch_atomic(
+                        run / CHECKPOINTS / "best.pt",
+                        {"model": model.state_dict(), "epoch": epoch, "val_loss": val, "model_name": cfg.model},
+                    )
             checkpoint(epoch + 1, 0)
             epoch_seconds.append(seconds)
             mean_losses = {k: v / n_steps for k, v in sums.items()}
