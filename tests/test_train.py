@@ -313,6 +313,8 @@ def test_a_resume_on_changed_training_images_is_refused(mnist_small: Path, tmp_p
     ]
     first = cli(*args, "--epochs", "1")
     assert first.returncode == 0, first.stderr
+    # another --seed (which also picks other held-out images) is named as such, not blamed on the files
+    _one_line_error(cli(*args, "--epochs", "2", "--seed", "5"), 2, "already holds a different run (seed differ)")
     images = sorted((data / "train" / "good").iterdir())
     images[0].write_bytes(images[1].read_bytes())
     _one_line_error(cli(*args, "--epochs", "2"), 2, "are not those", "started with", "another --out")

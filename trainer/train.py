@@ -247,15 +247,16 @@ def _resolve_config(opts: TrainOptions, existing: RunConfig | None, index: Folde
             "the two; use another --out for a new run"
         )
     diff = asked.same_run_as(existing)
-    if "train_digest" in diff or "held_out_digest" in diff:
+    settings = [d for d in diff if d not in ("train_digest", "held_out_digest")]
+    if settings:  # first: another --seed also changes the held-out images, and must not be blamed on the files
         raise UserError(
-            f"the images in {data}/train/good are not those {opts.out} started with (a file added, removed or "
-            "changed): resuming would train one model on two data sets; use another --out for a new run"
+            f"{opts.out} already holds a different run ({', '.join(settings)} differ); "
+            "use another --out, or the same settings to resume it"
         )
     if diff:
         raise UserError(
-            f"{opts.out} already holds a different run ({', '.join(diff)} differ); "
-            "use another --out, or the same settings to resume it"
+            f"the images in {data}/train/good are not those {opts.out} started with (a file added, removed or "
+            "changed): resuming would train one model on two data sets; use another --out for a new run"
         )
     return existing.model_copy(update={"epochs": asked.epochs})
 
