@@ -12,8 +12,12 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+
+if TYPE_CHECKING:
+    from edge_daemon.config import DaemonConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help=__doc__)
 
@@ -53,6 +57,13 @@ def check_config(file: Path = typer.Argument(..., help="the YAML config to valid
         for problem in exc.problems:
             typer.echo(f"{file}: {problem}", err=True)
         raise typer.Exit(2) from None
+    problems, notes = _files_on_this_machine(cfg)
+    for problem in problems:
+        typer.echo(f"{file}: {problem}", err=True)
+    if problems:
+        raise typer.Exit(2)
+    for note in notes:
+        typer.echo(f"{file}: note: {note}", err=True)
     overrides = env_overrides()
     typer.echo(
         f"{file}: ok (device {cfg.device_id}, {len(cfg.cameras)} camera(s), bundle {cfg.bundle}, "
@@ -60,6 +71,28 @@ def check_config(file: Path = typer.Argument(..., help="the YAML config to valid
     )
     if overrides:
         typer.echo(f"environment overrides applied: {', '.join(overrides)}")
+
+
+def _files_on_this_machine(cfg: DaemonConfig) -> tuple[list[str], list[str]]:
+    """What the config names on this machine: problems (trusted key files that cannot be read: ``run`` refuses
+    every bundle then) and notes (a bundle that is not there, which ``run`` needs unless a pushed update is
+    active; a camera's video file that is not there yet, which its camera waits for)."""
+    from edge_daemon.capture.sources import parse_source
+
+    problems, notes = [], []
+    for key in cfg.trusted_keys:
+        try:
+            with open(key, "rb") as f:
+                f.read(1)
+        except OSError as exc:
+            problems.append(f"trusted_keys: cannot read {key}: {exc.strerror or exc}")
+    if not Path(cfg.bundle).exists():
+        notes.append(f"bundle {cfg.bundle} does not exist here: run starts only on a pushed update already active")
+    for cam in cfg.cameras:
+        spec = parse_source(cam.source)
+        if spec.is_file and not Path(str(spec.target)).exists():
+            notes.append(f"camera {cam.id}: {spec.describe()} does not exist (yet): the camera waits for it")
+    return problems, notes
 
 
 @app.command()

@@ -189,8 +189,23 @@ def test_a_boolean_camera_source_is_refused() -> None:
 def test_check_config_cli(tmp_path: Path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(GOOD)
+    # what the config names on this machine: a trusted key that is not there is a problem (run refuses every
+    # bundle then; check-config said ok); a missing bundle or video file is a note (a pushed update may serve, a
+    # file may appear later)
+    res = cli("check-config", good)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert res.stderr.splitlines() == [
+        f"{good}: trusted_keys: cannot read {tmp_path / 'keys/line3.pub'}: No such file or directory"
+    ]
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys/line3.pub").write_text("a key")
     res = cli("check-config", good)
     assert res.returncode == 0 and "ok (device line3-cam-a, 2 camera(s)" in res.stdout, res.stderr
+    assert f"note: bundle {tmp_path / 'bundles/current.tar'} does not exist here" in res.stderr
+    with_file = tmp_path / "file.yaml"
+    with_file.write_text(GOOD.replace("source: /dev/video0", "source: line.mp4"))
+    res = cli("check-config", with_file)
+    assert res.returncode == 0 and f"camera cam0: file '{tmp_path / 'line.mp4'}' does not exist (yet)" in res.stderr
     bad = tmp_path / "bad.yaml"
     bad.write_text(GOOD.replace("port: 1883", "port: nope").replace("open", "x"))
     res = cli("check-config", bad)
