@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -237,62 +238,61 @@ class DaemonConfig(BaseSettings):
 # ------------------------------------------------------------------------------------------ loading
 
 
-def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
-    """Map each key path (('cameras', '0', 'source'), ...) to its 1-based line in the YAML text."""
+_Node = tuple[tuple[str, ...], Any, "int | None"]  # key path, yaml node, its key's line
+
+
+def _yaml_nodes(text: str) -> Iterator[_Node]:
+    """Every node of the YAML ``text`` in document order with its key path (('cameras', '0', 'source'), ...) and,
+    for a mapping's value, its key's 1-based line (else None). Nothing when the text is not valid YAML."""
     import yaml
 
-    lines: dict[tuple[str, ...], int] = {}
-
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        lines.setdefault(path, node.start_mark.line + 1)
+    def walk(
+        node: Any, path: tuple[str, ...], key_line: int | None
+    ) -> Iterator[tuple[tuple[str, ...], Any, int | None]]:
+        yield path, node, key_line
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
-                sub = (*path, str(key.value))
-                lines[sub] = key.start_mark.line + 1
-                walk(value, sub)
+                yield from walk(value, (*path, str(key.value)), key.start_mark.line + 1)
         elif isinstance(node, yaml.SequenceNode):
             for i, item in enumerate(node.value):
-                walk(item, (*path, str(i)))
+                yield from walk(item, (*path, str(i)), None)
 
     try:
         root = yaml.compose(text)
     except yaml.YAMLError:
-        return lines
+        return
     if root is not None:
-        walk(root, ())
+        yield from walk(root, (), None)
+
+
+def _yaml_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path (('cameras', '0', 'source'), ...) to its 1-based line in the YAML text."""
+    lines: dict[tuple[str, ...], int] = {}
+    for path, node, key_line in _yaml_nodes(text):
+        if key_line is not None:
+            lines[path] = key_line
+        else:
+            lines.setdefault(path, node.start_mark.line + 1)
     return lines
 
 
 def _duplicate_keys(text: str) -> list[str]:
     """One line per key that appears twice in the same YAML mapping: YAML keeps only the last one, so a second
-    ``cameras:`` list silently dropped the first list's cameras."""
-    import yaml
-
+    ``cameras:`` list silently dropped the first list's cameras. (Keys inside a repeated key are not listed again.)"""
+    first: dict[tuple[str, ...], int] = {}
+    repeated: list[tuple[str, ...]] = []
     problems: list[str] = []
-
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        if isinstance(node, yaml.MappingNode):
-            first: dict[str, int] = {}
-            for key, value in node.value:
-                name = str(key.value)
-                line = key.start_mark.line + 1
-                if name in first and name != "<<":
-                    shown = ".".join((*path, name))
-                    problems.append(
-                        f"line {line}: {shown} is given again (first on line {first[name]}); YAML would keep only "
-                        "this one: merge the two"
-                    )
-                first.setdefault(name, line)
-                walk(value, (*path, name))
-        elif isinstance(node, yaml.SequenceNode):
-            for i, item in enumerate(node.value):
-                walk(item, (*path, str(i)))
-
-    try:
-        root = yaml.compose(text)
-    except yaml.YAMLError:
-        return []
-    walk(root, ())
+    for path, _, line in _yaml_nodes(text):
+        if line is None or path[-1] == "<<":
+            continue
+        if path not in first:
+            first[path] = line
+        elif not any(path[: len(r)] == r for r in repeated):
+            repeated.append(path)
+            problems.append(
+                f"line {line}: {'.'.join(path)} is given again (first on line {first[path]}); YAML would keep only "
+                "this one: merge the two"
+            )
     return problems
 
 
