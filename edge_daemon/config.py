@@ -246,9 +246,7 @@ def _yaml_nodes(text: str) -> Iterator[_Node]:
     for a mapping's value, its key's 1-based line (else None). Nothing when the text is not valid YAML."""
     import yaml
 
-    def walk(
-        node: Any, path: tuple[str, ...], key_line: int | None
-    ) -> Iterator[tuple[tuple[str, ...], Any, int | None]]:
+    def walk(node: Any, path: tuple[str, ...], key_line: int | None) -> Iterator[_Node]:
         yield path, node, key_line
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
