@@ -73,7 +73,15 @@ from trainer.calibration_floor import (
     resolvable_rate,
     too_few,
 )
-from trainer.datasets.folder import FolderIndex, Sample, data_digest, load_images, scan_folder, spread_indices
+from trainer.datasets.folder import (
+    FolderIndex,
+    Sample,
+    combined_digest,
+    file_digests,
+    load_images,
+    scan_folder,
+    spread_indices,
+)
 from trainer.errors import CapabilityError, UserError
 from trainer.models import Detector
 from trainer.run_dir import FILE_SHA256, RunConfig, eval_dir, load_model, read_run_config, weights_epoch
@@ -494,7 +502,10 @@ def _scratch(near: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _load_held_out(cfg: RunConfig, index: FolderIndex, spec: InputSpec) -> tuple[list[Sample], np.ndarray]:
+def _load_held_out(
+    cfg: RunConfig, index: FolderIndex, spec: InputSpec, digests: list[tuple[str, str]]
+) -> tuple[list[Sample], np.ndarray]:
+    """The run's held-out images (``digests``: ``file_digests`` of ``index.train``), checked against the run."""
     n = len(index.train)
     if n != cfg.n_train + cfg.n_val:
         raise UserError(
@@ -503,7 +514,7 @@ def _load_held_out(cfg: RunConfig, index: FolderIndex, spec: InputSpec) -> tuple
         )
     _, va_idx = split_train_val(n, cfg.val_fraction, cfg.seed)
     held = [index.train[i] for i in va_idx]
-    if cfg.held_out_digest and data_digest(index.root, held) != cfg.held_out_digest:
+    if cfg.held_out_digest and combined_digest([digests[i] for i in va_idx]) != cfg.held_out_digest:
         raise UserError(
             f"the run's data {cfg.data} changed since training: train/good still holds {n} images, but not the "
             "same ones (a file replaced, renamed or edited), so the held-out split would now pick images the "
@@ -649,7 +660,8 @@ def export_run(
     metrics = _read_metrics(run, checkpoint, epoch, ckpt[FILE_SHA256], console)
 
     # Held-out normal images (the run's validation split) and the golden anomalous ones.
-    held, held_u8 = _load_held_out(cfg, index, spec)
+    digests = file_digests(data, index.train)  # each image read and hashed once: held-out check and data_digest
+    held, held_u8 = _load_held_out(cfg, index, spec, digests)
     anomalous = _pick_anomalous(index, N_GOLDEN_ANOMALOUS)
     anom_u8 = load_images(anomalous, spec) if anomalous else held_u8[:0]
     x_all = to_float(np.concatenate([held_u8, anom_u8]))  # the daemon's own conversion: golden = what it feeds
@@ -705,7 +717,7 @@ def export_run(
             metrics=metrics,
             training={
                 "data": cfg.data,
-                "data_digest": data_digest(data, index.train),
+                "data_digest": combined_digest(digests),
                 "n_train": cfg.n_train,
                 "n_val": cfg.n_val,
                 "epochs": cfg.epochs,

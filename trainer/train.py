@@ -34,7 +34,8 @@ from trainer.calibration_floor import DEFAULT_FALSE_ALARM_RATE, images_needed, r
 from trainer.datasets.folder import (
     DEFAULT_WORKERS,
     FolderIndex,
-    data_digest,
+    combined_digest,
+    file_digests,
     infer_channels,
     load_images,
     scan_folder,
@@ -207,6 +208,7 @@ def _resolve_config(opts: TrainOptions, existing: RunConfig | None, index: Folde
         ).model_dump()
     n = len(index.train)
     tr, va = split_train_val(n, opts.val_fraction, opts.seed)
+    digests = file_digests(index.root, index.train)  # each image read and hashed once for both digests
     fresh = RunConfig(
         model=opts.model,
         model_revision=model_class(opts.model).revision,
@@ -219,8 +221,8 @@ def _resolve_config(opts: TrainOptions, existing: RunConfig | None, index: Folde
         val_fraction=opts.val_fraction,
         n_train=len(tr),
         n_val=len(va),
-        held_out_digest=data_digest(index.root, [index.train[i] for i in va]),
-        train_digest=data_digest(index.root, index.train),
+        held_out_digest=combined_digest([digests[i] for i in va]),
+        train_digest=combined_digest(digests),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     if existing is None:

@@ -430,6 +430,12 @@ def data_digest(root: Path, samples: Sequence[Sample]) -> str:
 
     Each pair is fed as ``"<relative name>\\0<hex>\\n"`` (UTF-8).
     """
+    return combined_digest(file_digests(root, samples))
+
+
+def file_digests(root: Path, samples: Sequence[Sample]) -> list[tuple[str, str]]:
+    """(path relative to ``root`` as posix, sha256 hex of the file bytes) of each sample, in order: hashed once, for
+    digests of several subsets (``combined_digest``). DatasetError on an unreadable file."""
     pairs = []
     for sample in samples:
         try:
@@ -437,6 +443,11 @@ def data_digest(root: Path, samples: Sequence[Sample]) -> str:
         except OSError as exc:
             raise DatasetError(f"cannot read {sample.path}: {exc.strerror or exc}") from None
         pairs.append((sample.path.relative_to(root).as_posix(), hashlib.sha256(data).hexdigest()))
+    return pairs
+
+
+def combined_digest(pairs: Sequence[tuple[str, str]]) -> str:
+    """``data_digest`` of the samples whose ``file_digests`` are ``pairs`` (in any order)."""
     h = hashlib.sha256()
     for name, hexdigest in sorted(pairs):
         h.update(f"{name}\0{hexdigest}\n".encode("utf-8", "surrogateescape"))  # a non-UTF-8 file name: its bytes
