@@ -499,7 +499,7 @@ class _Link:
     MQTT 5 first, so that a broker that refuses a command (an ACL without write access to model/set) says so in
     its PUBACK (``refusal``); a broker that does not speak MQTT 5 (it answers "unsupported protocol" or hangs up
     before its CONNACK) is asked again in MQTT 3.1.1, where a refused command is only a device that never
-    answers. ``protocol`` says which one was used.
+    answers.
     Callbacks run on paho's network thread and never raise (bad payloads from the network are dropped).
     """
 
@@ -517,7 +517,6 @@ class _Link:
         self._refused_code: int | None = None  # CONNACK reason code of a refusal; None when hung up on
         self._refused_publishes: dict[int, str] = {}  # mid -> the broker's PUBACK reason (MQTT 5 only)
         self._client: Any = None
-        self.protocol = "5"
 
     # -- connection
     def connect(self) -> None:
@@ -532,7 +531,6 @@ class _Link:
             log.info("the broker refused or hung up on MQTT 5 (%s): trying MQTT 3.1.1", first)
             self._connected.clear()
             self._refused = self._refused_code = None
-            self.protocol = "3.1.1"
             try:
                 self._connect_as("3.1.1")
             except PushError as exc:

@@ -133,22 +133,25 @@ def test_environment_variables_that_set_nothing_or_set_it_wrong_are_named(monkey
     with pytest.raises(ConfigError, match="environment variable EDGE_MQTT_HOST names no config key"):
         parse_config(GOOD)
     monkeypatch.delenv("EDGE_MQTT_HOST")
-    monkeypatch.setenv("EDGE_MQTT__PORT", "abc")
-    with pytest.raises(ConfigError) as err:
-        parse_config(GOOD)
-    assert err.value.problems == [
-        "environment variable EDGE_MQTT__PORT: mqtt.port: Input should be a valid integer, unable to parse string as "
-        "an integer"
-    ]
-    monkeypatch.delenv("EDGE_MQTT__PORT")
-    monkeypatch.setenv("EDGE_CAMERAS__0__THRESHOLD", "0.3")  # an item of a list: it was blamed on the YAML line
-    with pytest.raises(ConfigError) as err:
-        parse_config(GOOD)
-    assert err.value.problems == [
-        "environment variable EDGE_CAMERAS__0__THRESHOLD: cameras: a list cannot be changed item by item; give the "
-        "whole list as JSON in EDGE_CAMERAS"
-    ]
-    monkeypatch.delenv("EDGE_CAMERAS__0__THRESHOLD")
+    for var, value, problem in (
+        (
+            "EDGE_MQTT__PORT",
+            "abc",
+            "environment variable EDGE_MQTT__PORT: mqtt.port: Input should be a valid integer, unable to parse string "
+            "as an integer",
+        ),
+        (  # an item of a list: it was blamed on the YAML line
+            "EDGE_CAMERAS__0__THRESHOLD",
+            "0.3",
+            "environment variable EDGE_CAMERAS__0__THRESHOLD: cameras: a list cannot be changed item by item; give "
+            "the whole list as JSON in EDGE_CAMERAS",
+        ),
+    ):
+        monkeypatch.setenv(var, value)
+        with pytest.raises(ConfigError) as err:
+            parse_config(GOOD)
+        assert err.value.problems == [problem]
+        monkeypatch.delenv(var)
     monkeypatch.setenv("EDGE_INSPECT_CACHE", "/tmp/cache")  # the project's other variables are not config keys
     monkeypatch.setenv("EDGE_MQTT__PORT", "1884")
     assert parse_config(GOOD).mqtt.port == 1884
